@@ -1,0 +1,214 @@
+"""The execution context: the one interface instruction semantics use.
+
+Semantics receive ``(x, i)``: the context and the decoded instruction.  They
+read operands, compute through ``x.D`` (the domain), set flags, write back,
+and, for control transfers, set ``x.next_rip``.  They never touch Python
+operators on values, the decoder, or the harness.
+
+Every memory access goes through :meth:`Exec.linear` (segment base +
+effective address, wrapped to the address size) and then the state's
+:class:`spec.memory.LinearMemory`; the system-architecture layer adds
+segment-limit/rights checks and paging at those two points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spec import flags as F
+from spec.decode.insn import CR, DR, FAR, IMM, MEM, REG, REL, SEG, Insn, Operand
+from spec.faults import Fault, Unimplemented, Vector
+from spec.memory import AccessKind
+from spec.state import MachineState
+
+_MASK = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}
+FS, GS = 4, 5
+SS = 2
+
+
+class Halt(Exception):
+    """HLT executed: the CPU stops with the halted event (RIP already past HLT)."""
+
+
+class Exec:
+    """Per-CPU execution context, re-pointed at each instruction."""
+
+    __slots__ = ("D", "i", "ip_mask", "next_rip", "s")
+
+    def __init__(self, state: MachineState) -> None:
+        self.s = state
+        self.D = state.D
+        self.i: Insn | None = None
+        self.next_rip = 0
+        self.ip_mask = _MASK[64]
+
+    # -- operands ----------------------------------------------------------------------
+    def read(self, op: Operand) -> Any:
+        k = op.kind
+        if k == REG:
+            return self.s.read_gpr(op.reg, op.size, op.high8)
+        if k == MEM:
+            return self.mem_read(op.seg, self.ea(op), op.size // 8)
+        if k == IMM:
+            return self.D.const(op.size, op.value)
+        if k == SEG:
+            return self.D.const(16, self.s.seg[op.reg].selector)
+        if k == REL:
+            return self.D.const(64, op.value & _MASK[64])
+        if k in (CR, DR, FAR):
+            raise Unimplemented(f"operand kind {k} is read by system semantics, not generically")
+        raise Unimplemented(f"operand kind {k}")
+
+    def write(self, op: Operand, value: Any) -> None:
+        k = op.kind
+        if k == REG:
+            self.s.write_gpr(op.reg, op.size, value, op.high8)
+        elif k == MEM:
+            self.mem_write(op.seg, self.ea(op), op.size // 8, value)
+        else:
+            raise Unimplemented(f"write to operand kind {k}")
+
+    # -- addresses -------------------------------------------------------------------
+    def ea(self, op: Operand) -> Any:
+        """Effective address of a memory operand, in the address size (SDM Vol. 1 3.7.5)."""
+        D = self.D
+        w = self.i.addrsize  # type: ignore[union-attr]
+        if op.rip_rel:
+            return D.const(w, self.next_rip + op.disp)
+        a = D.const(w, op.disp)
+        if op.base is not None:
+            a = D.add(w, a, self.s.read_gpr(op.base, w))
+        if op.index is not None:
+            idx = self.s.read_gpr(op.index, w)
+            if op.scale:
+                idx = D.shl(w, idx, D.const(w, op.scale))
+            a = D.add(w, a, idx)
+        return a
+
+    def linear(self, seg: int, offset: Any, w: int | None = None) -> Any:
+        """Segment base + offset (SDM Vol. 3A 3.4; in 64-bit mode only FS/GS bases apply, 3.2.4).
+
+        ``offset`` is a ``w``-bit value (default: the address size); the result
+        is a 64-bit linear address (32-bit outside long mode).
+        """
+        D = self.D
+        s = self.s
+        w = w or self.i.addrsize  # type: ignore[union-attr]
+        off = D.zext(offset, w, 64)
+        if s.code_bits == 64:
+            if seg == FS or seg == GS:
+                return D.add(64, off, D.const(64, s.seg[seg].base))
+            return off
+        lin = D.add(64, off, D.const(64, s.seg[seg].base))
+        return D.and_(64, lin, D.const(64, 0xFFFF_FFFF))
+
+    def _addr(self, lin: Any) -> Any:
+        return lin if not self.D.is_concrete(lin) else self.D.concrete(lin)
+
+    def mem_read(self, seg: int, offset: Any, n: int, w: int | None = None) -> Any:
+        """Read ``n`` bytes at seg:offset as an ``8n``-bit value (little-endian)."""
+        lin = self._addr(self.linear(seg, offset, w))
+        return self.s.mem.read(lin, n, AccessKind.READ, self.s.cpl == 3)
+
+    def mem_write(self, seg: int, offset: Any, n: int, value: Any, w: int | None = None) -> None:
+        lin = self._addr(self.linear(seg, offset, w))
+        self.s.mem.write(lin, n, value, self.s.cpl == 3)
+
+    # -- registers and flags -----------------------------------------------------------
+    def reg(self, num: int, size: int) -> Any:
+        return self.s.read_gpr(num, size)
+
+    def set_reg(self, num: int, size: int, value: Any) -> None:
+        self.s.write_gpr(num, size, value)
+
+    def flag(self, f: int) -> Any:
+        return self.s.get_flag(f)
+
+    def set_flag(self, f: int, value: Any) -> None:
+        self.s.set_flag(f, value)
+
+    def set_flags(self, kind: F.FlagKind, w: int, a: Any, b: Any, r: Any, c: Any = None,
+                  keep: tuple[int, ...] = ()) -> None:
+        """Define the status flags (except ``keep``) from an operation record, lazily."""
+        if c is None:
+            c = self.D.false()
+        s = self.s
+        s.flags.set_lazy(kind, w, a, b, r, c, keep)  # type: ignore[union-attr]
+        mask = F.STATUS_MASK
+        for k in keep:
+            mask &= ~(1 << k)
+        s.undefined &= ~mask
+
+    def undefine(self, *flags: int) -> None:
+        """Mark status flags architecturally undefined after this instruction.
+
+        The value left in the state is whatever the caller set last (the spec's
+        documented choice); comparisons mask the flag until it is defined again.
+        """
+        for f in flags:
+            self.s.undefined |= 1 << f
+
+    def cond(self, cc: int) -> Any:
+        """Evaluate condition code ``cc`` (SDM Vol. 1 Appendix B, Table B-1)."""
+        D = self.D
+        g = self.s.get_flag
+        base = cc >> 1
+        if base == 0:
+            c = g(F.OF)
+        elif base == 1:
+            c = g(F.CF)
+        elif base == 2:
+            c = g(F.ZF)
+        elif base == 3:
+            c = D.bor(g(F.CF), g(F.ZF))
+        elif base == 4:
+            c = g(F.SF)
+        elif base == 5:
+            c = g(F.PF)
+        elif base == 6:
+            c = D.bxor(g(F.SF), g(F.OF))
+        else:
+            c = D.bor(g(F.ZF), D.bxor(g(F.SF), g(F.OF)))
+        return D.bnot(c) if cc & 1 else c
+
+    # -- stack (SDM Vol. 1 6.2; the stack address size is SS.B or 64) -------------------
+    def push(self, value: Any, size: int) -> None:
+        s = self.s
+        sw = s.stack_bits
+        D = self.D
+        sp = D.sub(sw, s.read_gpr(4, sw), D.const(sw, size // 8))
+        self.mem_write(SS, sp, size // 8, value, sw)
+        s.write_gpr(4, sw, sp)
+
+    def pop(self, size: int) -> Any:
+        s = self.s
+        sw = s.stack_bits
+        D = self.D
+        sp = s.read_gpr(4, sw)
+        v = self.mem_read(SS, sp, size // 8, sw)
+        s.write_gpr(4, sw, D.add(sw, sp, D.const(sw, size // 8)))
+        return v
+
+    # -- control flow ------------------------------------------------------------------
+    def jump(self, target: Any, opsize: int | None = None) -> None:
+        """Set the next RIP, truncated to the operand size (SDM Vol. 2A JMP: EIP/IP forms)."""
+        size = opsize or self.i.opsize  # type: ignore[union-attr]
+        t = self.D.concrete(target) & _MASK[size]
+        self.next_rip = t
+
+    def branch_target(self, op: Operand) -> int:
+        """Target of a relative branch: next RIP + displacement, at the operand size."""
+        return (self.next_rip + op.value) & _MASK[self.i.opsize]  # type: ignore[union-attr]
+
+    def decide(self, c: Any) -> bool:
+        return self.D.decide(c)
+
+    def fault(self, vector: int, error_code: int | None = None) -> Fault:
+        """Build an architectural fault for the semantics to ``raise``."""
+        return Fault(vector, error_code)
+
+    def halt(self) -> None:
+        raise Halt()
+
+
+__all__ = ["Exec", "Fault", "Halt", "Vector"]

@@ -1,0 +1,22 @@
+"""Miscellaneous instructions: NOP forms, PAUSE, WAIT, UD2/UD0/UD1, HLT (SDM Vol. 2)."""
+
+from __future__ import annotations
+
+from spec.decode.insn import Insn
+from spec.isa.context import Exec
+from spec.isa.registry import instruction
+
+
+@instruction("NOP", "PAUSE", "WAIT", "PREFETCH", "PREFETCHNTA", "PREFETCHT0", "PREFETCHT1", "PREFETCHT2",
+             ref="SDM Vol. 2B NOP (0F 1F /0 multi-byte form, 0F 18-1F hint space), PAUSE, PREFETCHh")
+def nop(x: Exec, i: Insn) -> None:
+    """No architectural effect.  The memory operand of a NOP/PREFETCH is never accessed.
+
+    WAIT/FWAIT checks for pending x87 exceptions; with no x87 state modeled
+    (CR0.TS/MP checks aside) it has nothing to do.
+    """
+
+
+@instruction("HLT", ref="SDM Vol. 2A HLT")
+def hlt(x: Exec, i: Insn) -> None:
+    x.halt()
