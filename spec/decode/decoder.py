@@ -391,7 +391,8 @@ def _operand(spec: str, opsize: int, addrsize: int, bits: int, rex: int, rex_r: 
 
         def far(_pos: int):
             def make(raw: int) -> Operand:
-                return Operand(FAR, 16 + off_bytes * 8, reg=raw >> (off_bytes * 8), value=raw & ((1 << (off_bytes * 8)) - 1))
+                off_bits = off_bytes * 8
+                return Operand(FAR, 16 + off_bits, reg=raw >> off_bits, value=raw & ((1 << off_bits) - 1))
             return make, off_bytes + 2
         return far, 1
     raise ValueError(f"unknown operand spec {spec!r} in row {row.text}")

@@ -536,7 +536,7 @@ def _parse_line(line: str) -> list[Row]:
             flags.add(a)
     operands = tuple(ops.split(",")) if ops else ()
     return [
-        Row(opcode=prefix + (b,), mandatory=mandatory, digit=digit, modrm_exact=exact, has_modrm=has_modrm,
+        Row(opcode=(*prefix, b), mandatory=mandatory, digit=digit, modrm_exact=exact, has_modrm=has_modrm,
             mnemonic=mnem, operands=operands, attrs=frozenset(flags), cc=cc, reg_in_opcode=r,
             names=names, anames=anames, text=line.strip())
         for b, cc, r in expand

@@ -206,7 +206,7 @@ def explore(fn: Callable[[SymbolicDomain], T], limit: int = 4096) -> list[Path[T
                 s.add(c if t else z3.Not(c))
             s.add(z3.Not(cond) if taken else cond)
             if s.check() != z3.unsat:
-                pending.append(prefix + [not taken])
+                pending.append([*prefix, not taken])
     return paths
 
 
