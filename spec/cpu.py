@@ -122,13 +122,7 @@ class SpecCPU:
             s.icount += 1
             return StopEvent(kind="halted", rip=s.rip)
         except Fault as f:
-            if f.trap:
-                # Traps (INT n, INT3, INTO) complete the instruction: RIP points past it.
-                s.rip = x.next_rip
-                s.icount += 1
-            else:
-                self._rollback(saved)
-            return StopEvent(kind="fault", rip=s.rip, vector=f.vector, error_code=f.error_code, cr2=f.cr2)
+            return self.exception(f, saved, x.next_rip)
         except Unimplemented as u:
             self._rollback(saved)
             return StopEvent(kind="unimplemented", rip=s.rip, detail=str(u))
@@ -137,6 +131,21 @@ class SpecCPU:
         s.rip = x.next_rip
         s.icount += 1
         return None
+
+    def exception(self, f: Fault, saved: tuple, next_rip: int) -> StopEvent | None:
+        """An instruction raised ``f``: the one place exceptions are handled.
+
+        Faults are rolled back (RIP stays at the instruction); traps (INT n,
+        INT3, INTO, INT1) complete the instruction, so RIP points past it.
+        The exception is reported as a ``fault`` stop event.
+        """
+        s = self.state
+        if f.trap:
+            s.rip = next_rip
+            s.icount += 1
+        else:
+            self._rollback(saved)
+        return StopEvent(kind="fault", rip=s.rip, vector=f.vector, error_code=f.error_code, cr2=f.cr2)
 
     def _rollback(self, saved: tuple) -> None:
         s = self.state

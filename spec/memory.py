@@ -150,10 +150,10 @@ class SymbolicMemory:
 class LinearMemory:
     """Linear-address accesses: translate, then access physical memory (split at pages).
 
-    ``translate(linear, kind, user)`` returns the physical address of one byte
-    range that does not cross a page; this base class is the identity
-    (paging disabled).  Subclasses raise :class:`spec.faults.Fault` on a
-    translation fault.
+    ``translate(linear, kind, user, implicit)`` returns the physical address of
+    one byte range that does not cross a page; this base class is the identity
+    (no paging).  :class:`spec.mmu.MMU` translates through the page walker and
+    raises :class:`spec.faults.Fault` (#PF) on a translation fault.
     """
 
     def __init__(self, D: Domain, phys: Any) -> None:
@@ -173,33 +173,36 @@ class LinearMemory:
                 self.phys.restore(saved)
             self.journal.clear()
 
-    def translate(self, linear: int, kind: AccessKind, user: bool) -> int:
+    def translate(self, linear: Any, kind: AccessKind, user: bool, implicit: bool = False) -> Any:
+        """Physical address of ``linear`` for this access; the identity here (no paging)."""
         return linear
 
-    def read(self, linear: Any, n: int, kind: AccessKind = AccessKind.READ, user: bool = False) -> Any:
-        if not isinstance(linear, int):  # symbolic address: identity translation only
-            return self.phys.read(self.translate(linear, kind, user), n)
+    def read(self, linear: Any, n: int, kind: AccessKind = AccessKind.READ, user: bool = False,
+             implicit: bool = False) -> Any:
+        """Read ``n`` bytes; ``user`` marks a CPL-3 access, ``implicit`` an implicit supervisor one."""
+        if not isinstance(linear, int):  # symbolic address: one translation, no page split
+            return self.phys.read(self.translate(linear, kind, user, implicit), n)
         off = linear & (PAGE - 1)
         if off + n <= PAGE:
-            return self.phys.read(self.translate(linear, kind, user), n)
+            return self.phys.read(self.translate(linear, kind, user, implicit), n)
         lo = PAGE - off
-        low = self.read(linear, lo, kind, user)
-        high = self.read((linear + lo) & 0xFFFF_FFFF_FFFF_FFFF, n - lo, kind, user)
+        low = self.read(linear, lo, kind, user, implicit)
+        high = self.read((linear + lo) & 0xFFFF_FFFF_FFFF_FFFF, n - lo, kind, user, implicit)
         return self.D.concat(high, low, 8 * lo)
 
-    def write(self, linear: Any, n: int, value: Any, user: bool = False) -> None:
+    def write(self, linear: Any, n: int, value: Any, user: bool = False, implicit: bool = False) -> None:
         if not isinstance(linear, int):
-            self._store(self.translate(linear, AccessKind.WRITE, user), n, value)
+            self._store(self.translate(linear, AccessKind.WRITE, user, implicit), n, value)
             return
         off = linear & (PAGE - 1)
         if off + n <= PAGE:
-            self._store(self.translate(linear, AccessKind.WRITE, user), n, value)
+            self._store(self.translate(linear, AccessKind.WRITE, user, implicit), n, value)
             return
         # A page-crossing write is checked on both pages before either is written.
         lo = PAGE - off
         nxt = (linear + lo) & 0xFFFF_FFFF_FFFF_FFFF
-        p0 = self.translate(linear, AccessKind.WRITE, user)
-        p1 = self.translate(nxt, AccessKind.WRITE, user)
+        p0 = self.translate(linear, AccessKind.WRITE, user, implicit)
+        p1 = self.translate(nxt, AccessKind.WRITE, user, implicit)
         D = self.D
         self._store(p0, lo, D.extract(value, 8 * lo - 1, 0))
         self._store(p1, n - lo, D.extract(value, 8 * n - 1, 8 * lo))

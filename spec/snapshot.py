@@ -7,6 +7,12 @@ memory as a list of 4 KiB pages.  Integers are written as hex strings and read
 from hex strings or JSON numbers.  Page data is hex with trailing zero bytes
 omitted (a page's remaining bytes are zero).
 
+Validation puts a snapshot in canonical form, so that equal machine states
+have equal snapshots and files: page data lower-case without trailing zero
+bytes, pages sorted by address (each address once, 4 KiB aligned), MSR
+indices as ``0x``-prefixed lower-case hex in ascending order, undefined flags
+in RFLAGS bit order without repeats.
+
 ``to_state`` / ``from_state`` convert to and from the concrete
 :class:`spec.state.MachineState`; the round trip is exact (property-tested).
 The status flags currently undefined are part of the snapshot, so a
@@ -16,6 +22,7 @@ comparison can mask them.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,6 +104,18 @@ class PageModel(Model):
     data: str = Field(default="", description="hex bytes from the page start; missing bytes are zero",
                       pattern="^([0-9a-fA-F]{2})*$", max_length=2 * PAGE)
 
+    @field_validator("address")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if v % PAGE:
+            raise ValueError(f"page address {v:#x} is not 4 KiB aligned")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _canonical_data(cls, v: str) -> str:
+        return bytes.fromhex(v).rstrip(b"\0").hex()
+
     def to_bytes(self) -> bytes:
         return bytes.fromhex(self.data).ljust(PAGE, b"\0")
 
@@ -169,10 +188,46 @@ class Snapshot(Model):
                           min_length=8, max_length=8)
     gdtr: TableRegisterModel = Field(default_factory=TableRegisterModel)
     idtr: TableRegisterModel = Field(default_factory=TableRegisterModel)
+    pdptes: list[U64] = Field(default_factory=lambda: [0, 0, 0, 0], min_length=4, max_length=4,
+                              description="PAE PDPTE registers (loaded from CR3 when PAE paging is entered)")
+    pkru: U32 = 0
+    a20: bool = Field(default=True, description="A20 gate enabled (False: physical bit 20 forced to 0)")
+    interrupt_shadow: bool = Field(default=False, description="interrupts inhibited for one instruction (STI, MOV SS)")
     undefined_flags: list[Literal["CF", "PF", "AF", "ZF", "SF", "OF"]] = Field(default_factory=list,
                                        description="status flags whose value is architecturally undefined")
     halted: bool = False
     pages: list[PageModel] = Field(default_factory=list)
+
+    # -- canonical form (see the module docstring) -------------------------------------
+    @field_validator("msrs")
+    @classmethod
+    def _canonical_msrs(cls, v: dict[str, int]) -> dict[str, int]:
+        by_index: dict[int, int] = {}
+        for key, value in v.items():
+            try:
+                index = int(key, 16)
+            except ValueError:
+                raise ValueError(f"MSR index {key!r} is not a hex number") from None
+            if not 0 <= index < 1 << 32:
+                raise ValueError(f"MSR index {key!r} does not fit in 32 bits")
+            if index in by_index:
+                raise ValueError(f"MSR {index:#x} is given twice")
+            by_index[index] = value
+        return {f"{i:#x}": by_index[i] for i in sorted(by_index)}
+
+    @field_validator("undefined_flags")
+    @classmethod
+    def _canonical_flags(cls, v: list[str]) -> list[str]:
+        return [F.NAMES[f] for f in F.STATUS if F.NAMES[f] in v]
+
+    @field_validator("pages")
+    @classmethod
+    def _canonical_pages(cls, v: list[PageModel]) -> list[PageModel]:
+        pages = sorted(v, key=lambda p: p.address)
+        for p, q in pairwise(pages):
+            if p.address == q.address:
+                raise ValueError(f"page {p.address:#x} is given twice")
+        return pages
 
     # -- conversion ------------------------------------------------------------------
     def to_state(self) -> MachineState:
@@ -201,6 +256,10 @@ class Snapshot(Model):
         st.gdtr = TableRegister(self.gdtr.base, self.gdtr.limit)
         st.idtr = TableRegister(self.idtr.base, self.idtr.limit)
         st.halted = self.halted
+        st.pdptes = list(self.pdptes)
+        st.pkru = self.pkru
+        st.a20 = self.a20
+        st.interrupt_shadow = self.interrupt_shadow
         return st
 
     @classmethod
@@ -230,6 +289,10 @@ class Snapshot(Model):
             idtr=TableRegisterModel(base=st.idtr.base, limit=st.idtr.limit),
             undefined_flags=[F.NAMES[f] for f in F.STATUS if st.undefined >> f & 1],
             halted=st.halted,
+            pdptes=list(st.pdptes),
+            pkru=st.pkru,
+            a20=st.a20,
+            interrupt_shadow=st.interrupt_shadow,
             pages=pages,
         )
 

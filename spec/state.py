@@ -124,8 +124,14 @@ class MachineState:
     msrs: dict[int, int] = field(default_factory=dict)  # other architectural MSRs by index
     halted: bool = False
     icount: int = 0
+    interrupt_shadow: bool = False  # MOV SS / POP SS (and STI) block interrupts for one instruction
+    pdptes: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # PAE PDPTE registers (SDM Vol. 3A 4.4.1)
+    pkru: int = 0  # protection-key rights for user pages (SDM Vol. 3A 4.6.2)
+    a20: bool = True  # A20 gate: False forces physical address bit 20 to 0 outside long mode
 
     def __post_init__(self) -> None:
+        if hasattr(self.mem, "state"):
+            self.mem.state = self  # the MMU translates with this state's control registers
         if not self.gpr:
             self.gpr = [self.D.const(64, 0) for _ in range(16)]
         if self.flags is None:
@@ -134,8 +140,9 @@ class MachineState:
     @classmethod
     def concrete(cls, phys: PhysicalMemory | None = None) -> MachineState:
         from spec.domain.concrete import CONCRETE
+        from spec.mmu import MMU
 
-        return cls(D=CONCRETE, mem=LinearMemory(CONCRETE, phys if phys is not None else PhysicalMemory()))
+        return cls(D=CONCRETE, mem=MMU(CONCRETE, phys if phys is not None else PhysicalMemory()))
 
     # -- mode ------------------------------------------------------------------------
     @property
@@ -230,11 +237,11 @@ class MachineState:
 
     def copy(self) -> MachineState:
         """A deep copy (memory included) for checkpointing and tests."""
-        mem = LinearMemory(self.D, self.mem.phys.copy())
-        mem.__class__ = self.mem.__class__
+        mem = type(self.mem)(self.D, self.mem.phys.copy())
         return MachineState(
             D=self.D, mem=mem, gpr=list(self.gpr), rip=self.rip, flags=self.flags.copy(),  # type: ignore[union-attr]
             rflags_sys=self.rflags_sys, undefined=self.undefined, seg=[s.copy() for s in self.seg],
             gdtr=replace(self.gdtr), idtr=replace(self.idtr), ldtr=self.ldtr.copy(), tr=self.tr.copy(),
             cr0=self.cr0, cr2=self.cr2, cr3=self.cr3, cr4=self.cr4, cr8=self.cr8, efer=self.efer,
-            dr=list(self.dr), msrs=dict(self.msrs), halted=self.halted, icount=self.icount)
+            dr=list(self.dr), msrs=dict(self.msrs), halted=self.halted, icount=self.icount,
+            interrupt_shadow=self.interrupt_shadow, pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20)

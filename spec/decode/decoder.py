@@ -8,7 +8,24 @@ operand- and address-size attributes, and the 15-byte limit.
 Decoding is concrete: instruction bytes are always known when an instruction
 is fetched.  Faults are architectural (#UD, #GP(0) for more than 15 bytes);
 an opcode the map does not contain is :class:`Unimplemented` (the model does
-not know it), never #UD.
+not know it), never #UD.  All bytes of an instruction are fetched before a
+#UD is raised, so the 15-byte limit and fetch faults come first (SDM Vol. 3A
+6.9: instruction-length violations precede invalid opcodes).
+
+Vendor rules (``vendor="amd"``, the default, or ``"intel"``):
+
+* near branches (``f64`` rows) with 66 in 64-bit mode: AMD honours the
+  16-bit operand size (APM Vol. 3 1.2.5), Intel ignores 66 (SDM Vol. 1 3.6.1);
+* far pointers in memory (``amd32`` rows) with REX.W: Intel reads m16:64,
+  AMD ignores REX.W;
+* LOCK MOV CR0 is the AMD alternative encoding of CR8 (APM Vol. 3 MOV CRn,
+  CPUID Fn8000_0001 ECX.AltMovCr8); on Intel it is #UD.
+
+Where the references disagree the choice is documented here and pinned in
+tests/test_decoder_crosscheck.py: ``F3 REX.B 90`` is ``XCHG r8, rAX`` (REX.B
+selects the register before F3 can select PAUSE; APM Vol. 3 XCHG), and MOV
+to/from a control register that does not exist (CR1, CR5-CR7, CR9-CR15) or a
+debug register with REX.R is #UD at decode.
 """
 
 from __future__ import annotations
@@ -16,17 +33,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spec.decode.insn import CR, CS, DR, DS, ES, FAR, IMM, MEM, REG, REL, SEG, SS, Insn, Operand
+from spec.decode.insn import CR, CS, DR, DS, ES, FAR, FS, GS, IMM, MEM, REG, REL, SEG, SS, Insn, Operand
 from spec.decode.opcodes import ROWS, Row
 from spec.faults import Fault, Unimplemented, Vector
 
 MAX_LENGTH = 15  # SDM Vol. 2A 2.3.11: longer instructions raise #GP(0)
 
-SEGMENT_PREFIXES = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: 4, 0x65: 5}
+SEGMENT_PREFIXES = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x66, 0x67, *SEGMENT_PREFIXES})
 
 # 16-bit ModRM r/m encodings (SDM Vol. 2A Table 2-1): (base, index) register numbers.
 _RM16 = ((3, 6), (3, 7), (5, 6), (5, 7), (6, None), (7, None), (5, None), (3, None))
+
+# Control registers that exist (SDM Vol. 3A 2.5; MOV CRn: others are #UD).
+VALID_CRS = frozenset({0, 2, 3, 4, 8})
+
+# Fixed operands (Appendix A.2.3 register codes); rAX/eAX depend on the operand size.
+_OPSIZE_RAX = Operand(REG, 64, 0)
+_Z_RAX = Operand(REG, 32, 0)
+_FIXED: dict[str, Operand] = {
+    **{name: Operand(SEG, 16, num) for name, num in (("ES", ES), ("CS", CS), ("SS", SS), ("DS", DS), ("FS", FS),
+                                                      ("GS", GS))},
+    "AL": Operand(REG, 8, 0), "CL": Operand(REG, 8, 1), "DX": Operand(REG, 16, 2), "1": Operand(IMM, 8, value=1),
+    "rAX": _OPSIZE_RAX, "eAX": _Z_RAX,
+}
+_SIZE = {"b": 8, "w": 16, "d": 32, "q": 64, "dq": 128}
 
 
 @dataclass
@@ -60,23 +91,30 @@ def _build(rows: list[Row]) -> dict[tuple[int, ...], _Entry]:
 
 OPCODE_MAP = _build(ROWS)
 
+# Opcode 90: NOP, PAUSE (F3 90) and XCHG r8, rAX (REX.B 90) (SDM Vol. 2B NOP, PAUSE, XCHG).
+_NOP90 = next(r for r in OPCODE_MAP[(0x90,)].plain if r.mnemonic == "NOP")
+_XCHG90 = next(r for r in OPCODE_MAP[(0x90,)].plain if r.mnemonic == "XCHG")
+_PAUSE = OPCODE_MAP[(0x90,)].mandatory[0xF3].plain[0]
+
 
 def _select(rows: list[Row], bits: int, rex_w: bool) -> Row | None:
-    """Pick the row valid in this mode (i64/o64 alternatives, REX.W alternatives)."""
-    best = None
+    """Pick the row valid in this mode (i64/o64 alternatives, REX.W alternatives).
+
+    A row invalid in this mode (``i64`` in 64-bit mode, ``o64`` outside it) is
+    returned only when no valid alternative exists; the caller raises #UD.
+    """
+    fallback = None
     for r in rows:
         a = r.attrs
-        if "o64" in a and bits != 64:
-            continue
         if "rexw" in a and not rex_w:
             continue
         if "norexw" in a and rex_w:
             continue
-        if "i64" in a and bits == 64:
-            best = best or r  # kept only if nothing valid in 64-bit mode matches
+        if ("o64" in a and bits != 64) or ("i64" in a and bits == 64):
+            fallback = fallback or r
             continue
         return r
-    return best
+    return fallback
 
 
 @dataclass(frozen=True)
@@ -84,7 +122,11 @@ class DecodeConfig:
     """What the decode depends on besides the bytes: code size and vendor rules."""
 
     bits: int  # default code size: 16, 32 or 64
-    vendor: str = "amd"  # near branches with 66 in 64-bit mode (APM Vol. 3 1.2.5 vs SDM Vol. 1 3.6.1)
+    vendor: str = "amd"  # see the module docstring for the vendor-dependent rules
+
+
+def _opcode_text(key: tuple[int, ...]) -> str:
+    return " ".join(f"{x:02X}" for x in key)
 
 
 def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *, vendor: str = "amd") -> Insn:
@@ -106,181 +148,255 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
             buf = more(i + 1)
         return buf[i]
 
+    def take(n: int) -> int:
+        """The next ``n`` bytes as a little-endian unsigned integer."""
+        nonlocal pos
+        v = 0
+        for k in range(n):
+            v |= byte(pos + k) << (8 * k)
+        pos += n
+        return v
+
     # -- prefixes (SDM Vol. 2A 2.1.1; REX must immediately precede the opcode, 2.2.1) --
     pos = 0
     lock = False
-    rep_byte: int | None = None
+    rep_byte: int | None = None  # the last F2/F3 (it is the one that selects a mandatory-prefix row)
     seg_override: int | None = None
     opsize_prefix = addrsize_prefix = False
     rex = 0
     while True:
         b = byte(pos)
         if b in LEGACY_PREFIXES:
-            rex = 0  # a REX followed by a legacy prefix is ignored
+            rex = 0  # a REX followed by a legacy prefix is ignored (SDM Vol. 2A 2.2.1)
             if b == 0xF0:
                 lock = True
-            elif b in (0xF2, 0xF3):
+            elif b == 0xF2 or b == 0xF3:
                 rep_byte = b
             elif b == 0x66:
                 opsize_prefix = True
             elif b == 0x67:
                 addrsize_prefix = True
-            else:
+            elif bits != 64 or b >= 0x64 or seg_override is None or seg_override < FS:
+                # The last segment override wins -- except that in 64-bit mode ES/CS/SS/DS overrides are
+                # null prefixes (APM Vol. 1 4.12.2; SDM Vol. 1 3.3.7.1) and do not displace FS/GS.
                 seg_override = SEGMENT_PREFIXES[b]
             pos += 1
             continue
         if bits == 64 and 0x40 <= b <= 0x4F:
-            rex = b
+            rex = b  # of several REX prefixes only the last counts
             pos += 1
             continue
         break
     rex_w, rex_r, rex_x, rex_b = bool(rex & 8), (rex >> 2) & 1, (rex >> 1) & 1, rex & 1
 
-    # -- opcode ---------------------------------------------------------------------
+    # -- opcode, mandatory prefix, ModRM, row ------------------------------------------
     b0 = byte(pos)
     pos += 1
     if b0 == 0x0F:
-        b1 = byte(pos)
+        key: tuple[int, ...] = (0x0F, byte(pos))
         pos += 1
-        key: tuple[int, ...] = (0x0F, b1)
     else:
         key = (b0,)
     entry = OPCODE_MAP.get(key)
     if entry is None:
-        raise Unimplemented(f"opcode {' '.join(f'{x:02X}' for x in key)} is not in the spec's opcode map")
+        raise Unimplemented(f"opcode {_opcode_text(key)} is not in the spec's opcode map")
     mandatory_used = None
-    if rep_byte is not None and rep_byte in entry.mandatory:
-        entry = entry.mandatory[rep_byte]
-        mandatory_used = rep_byte
-
     modrm = None
-    if entry.has_modrm:
-        modrm = byte(pos)
-        pos += 1
-    mod = modrm >> 6 if modrm is not None else 0
-    reg = (modrm >> 3) & 7 if modrm is not None else 0
-    rm = modrm & 7 if modrm is not None else 0
-
-    candidates: list[Row] = []
-    if modrm is not None and mod == 3 and modrm in entry.by_exact:
-        candidates = entry.by_exact[modrm]
-    elif modrm is not None and reg in entry.by_digit:
-        candidates = entry.by_digit[reg]
+    mod = reg = rm = 0
+    if key == (0x90,):
+        # REX.B selects XCHG r8, rAX; otherwise F3 selects PAUSE and anything else is NOP
+        # (SDM Vol. 2B NOP/PAUSE/XCHG; APM Vol. 3 XCHG: 90 is a NOP only when it would exchange rAX with itself).
+        if rex_b:
+            row: Row | None = _XCHG90
+        elif rep_byte == 0xF3:
+            row, mandatory_used = _PAUSE, 0xF3
+        else:
+            row = _NOP90
     else:
-        candidates = entry.plain
-    if key == (0x90,) and rex_b:
-        candidates = [r for r in candidates if r.mnemonic == "XCHG"]  # 90 with REX.B is XCHG r8, rAX
-    elif key == (0x90,):
-        candidates = [r for r in candidates if r.mnemonic != "XCHG"]
-    row = _select(candidates, bits, rex_w)
-    if row is None:
-        if entry.by_exact and modrm is not None and mod == 3:
-            raise Unimplemented(f"opcode {' '.join(f'{x:02X}' for x in key)} with ModRM {modrm:02X} is not in the map")
-        raise Unimplemented(f"opcode {' '.join(f'{x:02X}' for x in key)}"
-                            + (f" /{reg}" if modrm is not None else "") + " is not in the spec's opcode map")
+        if rep_byte is not None and rep_byte in entry.mandatory:
+            entry = entry.mandatory[rep_byte]
+            mandatory_used = rep_byte
+        if entry.has_modrm:
+            modrm = byte(pos)
+            pos += 1
+            mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+        if modrm is not None and mod == 3 and modrm in entry.by_exact:
+            candidates = entry.by_exact[modrm]
+        elif modrm is not None and reg in entry.by_digit:
+            candidates = entry.by_digit[reg]
+        else:
+            candidates = entry.plain
+        row = _select(candidates, bits, rex_w)
+        if row is None:
+            raise Unimplemented(f"opcode {_opcode_text(key)}" + (f" /{reg}" if modrm is not None else "")
+                                + " is not in the spec's opcode map")
+        if entry.by_exact and mod == 3 and row.modrm_exact is None and any(o[0] == "M" for o in row.operands):
+            # A register form of a system group (0F 01 C0..FF) the map does not list: another instruction.
+            raise Unimplemented(f"opcode {_opcode_text(key)} with ModRM {modrm:02X} is not in the spec's opcode map")
     attrs = row.attrs
+    if "vex" in attrs and (bits == 64 or mod == 3):
+        raise Unimplemented(f"{_opcode_text(key)} is a VEX/EVEX escape here: VEX/EVEX instructions are not modelled")
 
     # -- operand and address size (SDM Vol. 1 3.6, Vol. 2A 2.2.1.2 Table 2-4) ----------
-    if bits == 64:
-        if rex_w:
-            opsize = 64
+    if "nat" in attrs:
+        opsize = 64 if bits == 64 else 32  # MOV CR/DR: 66 and REX.W are ignored
+    elif bits == 64:
+        if rex_w:  # REX.W beats 66; AMD has no m16:64 far pointers and reads m16:32 instead
+            opsize = 32 if (vendor == "amd" and "amd32" in attrs) else 64
         elif "d64" in attrs:
             opsize = 16 if opsize_prefix else 64
         elif "f64" in attrs:
             opsize = 16 if (opsize_prefix and vendor == "amd") else 64
         else:
             opsize = 16 if opsize_prefix else 32
-        addrsize = 32 if addrsize_prefix else 64
     else:
         opsize = (32 if bits == 16 else 16) if opsize_prefix else bits
+    if bits == 64:
+        addrsize = 32 if addrsize_prefix else 64
+    else:
         addrsize = (32 if bits == 16 else 16) if addrsize_prefix else bits
 
     # -- ModRM memory operand (SDM Vol. 2A 2.1.5, Tables 2-1..2-3; 2.2.1.6 RIP-relative) --
-    mem: dict[str, int | bool | None] | None = None
-    if modrm is not None and mod != 3 and row.modrm_exact is None:
+    mem: tuple | None = None
+    if modrm is not None and mod != 3 and row.modrm_exact is None and not any(o[0] == "R" for o in row.operands):
         base: int | None = None
         index: int | None = None
         scale = 0
         disp = 0
         rip_rel = False
-        default_seg = DS
         if addrsize == 16:
             if mod == 0 and rm == 6:
-                disp = byte(pos) | byte(pos + 1) << 8
-                pos += 2
+                disp = take(2)  # disp16, no base
             else:
                 base, index = _RM16[rm]
-                if base == 5:
-                    default_seg = SS
             if mod == 1:
-                disp = byte(pos)
-                disp = disp - 0x100 if disp & 0x80 else disp
-                pos += 1
+                disp = take(1)
             elif mod == 2:
-                disp = byte(pos) | byte(pos + 1) << 8
-                pos += 2
+                disp = take(2)
+            disp = disp - 0x10000 if (mod != 1 and disp & 0x8000) else disp
+            disp = disp - 0x100 if (mod == 1 and disp & 0x80) else disp
+            default_seg = SS if base == 5 else DS  # [BP+...] defaults to SS (SDM Vol. 1 3.7.4.1)
         else:
             if rm == 4:
                 sib = byte(pos)
                 pos += 1
                 scale = sib >> 6
                 idx = ((sib >> 3) & 7) | (rex_x << 3)
-                index = None if idx == 4 else idx
-                sb = sib & 7
-                if sb == 5 and mod == 0:
-                    disp = int.from_bytes(bytes(byte(pos + k) for k in range(4)), "little", signed=True)
-                    pos += 4
+                index = None if idx == 4 else idx  # index 100b without REX.X: none (r12 is a valid index)
+                if (sib & 7) == 5 and mod == 0:
+                    disp = take(4)  # no base, disp32
                 else:
-                    base = sb | (rex_b << 3)
+                    base = (sib & 7) | (rex_b << 3)
             elif rm == 5 and mod == 0:
-                disp = int.from_bytes(bytes(byte(pos + k) for k in range(4)), "little", signed=True)
-                pos += 4
-                rip_rel = bits == 64
+                disp = take(4)
+                rip_rel = bits == 64  # RIP-relative (EIP-relative with 67) in 64-bit mode, disp32 otherwise
             else:
                 base = rm | (rex_b << 3)
-            if base is not None and (base & 7) in (4, 5) and base < 8:
-                default_seg = SS
             if mod == 1:
-                d = byte(pos)
-                disp = d - 0x100 if d & 0x80 else d
-                pos += 1
+                disp = take(1)
+                disp = disp - 0x100 if disp & 0x80 else disp
             elif mod == 2:
-                disp = int.from_bytes(bytes(byte(pos + k) for k in range(4)), "little", signed=True)
-                pos += 4
-        mem = {"base": base, "index": index, "scale": scale, "disp": disp, "rip_rel": rip_rel,
-               "seg": seg_override if seg_override is not None else default_seg}
+                disp = take(4)
+            if mod != 1 and disp & 0x8000_0000:
+                disp -= 1 << 32
+            default_seg = SS if base in (4, 5) else DS  # rSP/rBP bases default to SS; r12/r13 do not
+        seg = seg_override if seg_override is not None else default_seg
+        mem = (seg, base, index, scale, disp, rip_rel)
 
-    # -- operands ---------------------------------------------------------------------
+    # -- operands, immediates in encoding order (SDM Vol. 2A 2.1: immediates come last) --
+    ud = False
     operands: list[Operand] = []
-    imm_parts: list[tuple[int, Callable[[int], Operand]]] = []
     for spec in row.operands:
-        op, imm_len = _operand(spec, opsize, addrsize, bits, rex, rex_r, rex_b, reg, rm, mod, mem,
-                               row, seg_override)
-        if imm_len:
-            imm_parts.append((len(operands), op))  # type: ignore[arg-type]
-            operands.append(None)  # type: ignore[arg-type]
+        fixed = _FIXED.get(spec)
+        if fixed is not None:
+            if fixed is _OPSIZE_RAX:
+                operands.append(Operand(REG, opsize, 0))
+            elif fixed is _Z_RAX:
+                operands.append(Operand(REG, 16 if opsize == 16 else 32, 0))
+            else:
+                operands.append(fixed)
+            continue
+        kind = spec[0]
+        code_ = spec[1:]
+        if kind in "EMR":
+            if kind == "M" and code_ in ("", "p", "a", "s"):
+                size = {"": 0, "p": 16 + opsize, "a": 2 * opsize, "s": 80 if bits == 64 else 48}[code_]
+            elif code_ == "vw":
+                size = opsize if mem is None else 16  # register at the operand size, memory 16 bits
+            else:
+                size = opsize if code_ == "v" else _size(code_, opsize)
+            if mem is None:
+                operands.append(_gpr(rm | (rex_b << 3), size, rex))
+            else:
+                seg, base, index, scale, disp, rip_rel = mem
+                operands.append(Operand(MEM, size, seg=seg, base=base, index=index, scale=scale, disp=disp,
+                                        rip_rel=rip_rel))
+            if kind == "M" and mem is None:
+                ud = True  # a register where the row requires memory
+        elif kind == "G":
+            operands.append(_gpr(reg | (rex_r << 3), opsize if code_ == "v" else _size(code_, opsize), rex))
+        elif kind == "Z":
+            operands.append(_gpr(row.reg_in_opcode | (rex_b << 3), opsize if code_ == "v" else _size(code_, opsize),
+                                 rex))
+        elif kind == "I":
+            # Iz/Ibs are sign-extended to the operand size; Iv is the full operand size (B8+r with REX.W:
+            # imm64); other immediates keep their encoded size (SDM Vol. 2A 2.2.1.5).
+            if spec == "Ibs":
+                enc, size = 8, opsize
+            elif code_ == "z":
+                enc, size = (16 if opsize == 16 else 32), opsize
+            elif code_ == "v":
+                enc = size = opsize
+            else:
+                enc = size = _SIZE[code_]
+            v = take(enc // 8)
+            if size > enc and v >> (enc - 1):
+                v |= ((1 << size) - 1) ^ ((1 << enc) - 1)
+            operands.append(Operand(IMM, size, value=v))
+        elif kind == "J":
+            enc = 8 if code_ == "b" else (16 if opsize == 16 else 32)
+            v = take(enc // 8)
+            operands.append(Operand(REL, opsize, value=v - (1 << enc) if v >> (enc - 1) else v))
+        elif kind == "O":
+            operands.append(Operand(MEM, opsize if code_ == "v" else _SIZE[code_],
+                                    seg=seg_override if seg_override is not None else DS, disp=take(addrsize // 8)))
+        elif kind == "X":
+            operands.append(Operand(MEM, opsize if code_ == "v" else _size(code_, opsize),
+                                    seg=seg_override if seg_override is not None else DS, base=6))
+        elif kind == "Y":
+            operands.append(Operand(MEM, opsize if code_ == "v" else _size(code_, opsize), seg=ES, base=7))
+        elif kind == "S":
+            if reg > 5:
+                ud = True  # segment register encodings 6 and 7 are reserved (SDM Vol. 2B MOV)
+            operands.append(Operand(SEG, 16, reg))
+        elif kind == "C":
+            num = reg | (rex_r << 3)
+            if lock and vendor == "amd":
+                num |= 8  # LOCK MOV CR0 = MOV CR8 (APM Vol. 3 MOV CRn); the LOCK is consumed
+                lock = False
+            if num not in VALID_CRS:
+                ud = True
+            operands.append(Operand(CR, opsize, num))
+        elif kind == "D":
+            if rex_r:
+                ud = True  # DR8-DR15 do not exist (SDM Vol. 2B MOV--Move to/from Debug Registers)
+            operands.append(Operand(DR, opsize, reg | (rex_r << 3)))
+        elif kind == "A":
+            off_bits = 16 if opsize == 16 else 32
+            off = take(off_bits // 8)
+            operands.append(Operand(FAR, 16 + off_bits, reg=take(2), value=off))
         else:
-            operands.append(op)  # type: ignore[arg-type]
-    for slot, maker in imm_parts:
-        operand, size_bytes = maker(pos)  # type: ignore[misc]
-        raw = 0
-        for k in range(size_bytes):
-            raw |= byte(pos + k) << (8 * k)
-        pos += size_bytes
-        operands[slot] = operand(raw)  # type: ignore[operator]
+            raise ValueError(f"unknown operand spec {spec!r} in row {row.text}")
     # Read the last byte so the 15-byte limit and fetch faults apply to the whole instruction.
     byte(pos - 1)
 
     # -- #UD conditions (SDM Vol. 2A 2.1.1 LOCK; Appendix A.2.5 invalid in 64-bit mode) ----
-    if "ud" in attrs:
+    if ud or "ud" in attrs:
         raise Fault(Vector.UD)
-    if "i64" in attrs and bits == 64:
+    if ("i64" in attrs and bits == 64) or ("o64" in attrs and bits != 64):
         raise Fault(Vector.UD)
     if lock and ("lock" not in attrs or not operands or operands[0].kind != MEM):
         raise Fault(Vector.UD)
-    for spec, op in zip(row.operands, operands, strict=True):
-        if spec[0] == "M" and op.kind != MEM:
-            raise Fault(Vector.UD)
 
     rep = None
     if rep_byte is not None and mandatory_used is None:
@@ -293,109 +409,22 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
 
 
 def _size(code: str, opsize: int) -> int:
-    return {"b": 8, "w": 16, "d": 32, "q": 64, "dq": 128, "v": opsize,
-            "z": 16 if opsize == 16 else 32, "y": 64 if opsize == 64 else 32, "vw": opsize}[code]
+    """Operand size in bits of a size code (SDM Vol. 2D A.2.2), given the operand-size attribute."""
+    if code == "v" or code == "vw":
+        return opsize
+    if code == "z":
+        return 16 if opsize == 16 else 32
+    if code == "y":
+        return 64 if opsize == 64 else 32
+    return _SIZE[code]
 
 
-def _operand(spec: str, opsize: int, addrsize: int, bits: int, rex: int, rex_r: int, rex_b: int,
-             reg: int, rm: int, mod: int, mem: dict | None, row: Row, seg_override: int | None):
-    """Build one operand; returns ``(operand, 0)`` or ``(maker, 1)`` for immediates (decoded last)."""
-
-    def gpr(num: int, size: int) -> Operand:
-        if size == 8 and not rex and 4 <= num <= 7:
-            return Operand(REG, 8, num - 4, high8=True)  # AH, CH, DH, BH (SDM Vol. 2A 3.7.2.1)
-        return Operand(REG, size, num)
-
-    fixed_seg = {"ES": ES, "CS": CS, "SS": SS, "DS": DS, "FS": 4, "GS": 5}
-    if spec in fixed_seg:
-        return Operand(SEG, 16, fixed_seg[spec]), 0
-    if spec == "AL":
-        return Operand(REG, 8, 0), 0
-    if spec == "CL":
-        return Operand(REG, 8, 1), 0
-    if spec == "DX":
-        return Operand(REG, 16, 2), 0
-    if spec == "rAX":
-        return Operand(REG, opsize, 0), 0
-    if spec == "eAX":
-        return Operand(REG, 16 if opsize == 16 else 32, 0), 0
-    if spec == "1":
-        return Operand(IMM, 8, value=1), 0
-    kind, size_code = spec[0], spec[1:]
-    if kind in "EMR":
-        if kind == "M" and size_code in ("", "p", "a", "s"):
-            size = {"": 0, "p": 16 + opsize, "a": 2 * opsize, "s": 80 if bits == 64 else 48}[size_code]
-        else:
-            size = _size(size_code, opsize)
-        if mod == 3 or kind == "R" or mem is None:
-            if size_code == "vw":
-                size = opsize
-            return gpr(rm | (rex_b << 3), size), 0
-        if size_code == "vw":
-            size = 16
-        return Operand(MEM, size, **mem), 0  # type: ignore[arg-type]
-    if kind == "G":
-        return gpr(reg | (rex_r << 3), _size(size_code, opsize)), 0
-    if kind == "S":
-        if reg > 5:
-            raise Fault(Vector.UD)  # segment register encodings 6 and 7 are reserved
-        return Operand(SEG, 16, reg), 0
-    if kind == "C":
-        return Operand(CR, 64 if bits == 64 else 32, reg | (rex_r << 3)), 0
-    if kind == "D":
-        return Operand(DR, 64 if bits == 64 else 32, reg | (rex_r << 3)), 0
-    if kind == "Z":
-        num = row.reg_in_opcode | (rex_b << 3)  # type: ignore[operator]
-        return gpr(num, _size(size_code, opsize)), 0
-    if kind == "O":
-        seg = seg_override if seg_override is not None else DS
-        size = _size(size_code, opsize)
-
-        def moffs(_pos: int):
-            n = addrsize // 8
-            return (lambda raw: Operand(MEM, size, seg=seg, disp=raw)), n
-        return moffs, 1
-    if kind in "XY":
-        size = _size(size_code, opsize)
-        if kind == "X":
-            seg = seg_override if seg_override is not None else DS
-            return Operand(MEM, size, seg=seg, base=6), 0
-        return Operand(MEM, size, seg=ES, base=7), 0  # ES:rDI cannot be overridden
-    if kind == "I":
-        # Iz/Ibs are sign-extended to the operand size; Iv is the full operand size (B8+r with
-        # REX.W: imm64); other immediates keep their encoded size (SDM Vol. 2A 2.2.1.5).
-        signed = size_code.endswith("s") or size_code == "z"
-        code = size_code.rstrip("s")
-        enc = opsize if code == "v" else _size(code, opsize)
-        size = opsize if (signed or code == "v") else enc
-
-        def imm(_pos: int):
-            def make(raw: int) -> Operand:
-                v = raw
-                if signed and size > enc and raw >> (enc - 1):
-                    v = raw | (((1 << size) - 1) ^ ((1 << enc) - 1))
-                return Operand(IMM, size, value=v)
-            return make, enc // 8
-        return imm, 1
-    if kind == "J":
-        enc = _size(size_code, opsize)
-
-        def rel(_pos: int):
-            def make(raw: int) -> Operand:
-                v = raw - (1 << enc) if raw >> (enc - 1) else raw
-                return Operand(REL, opsize, value=v)
-            return make, enc // 8
-        return rel, 1
-    if kind == "A":
-        off_bytes = 2 if opsize == 16 else 4
-
-        def far(_pos: int):
-            def make(raw: int) -> Operand:
-                off_bits = off_bytes * 8
-                return Operand(FAR, 16 + off_bits, reg=raw >> off_bits, value=raw & ((1 << off_bits) - 1))
-            return make, off_bytes + 2
-        return far, 1
-    raise ValueError(f"unknown operand spec {spec!r} in row {row.text}")
+def _gpr(num: int, size: int, rex: int) -> Operand:
+    """A general-purpose register operand; byte registers 4-7 are AH..BH without REX, SPL..DIL with
+    any REX (SDM Vol. 2A 2.2.1.2, Table 3-1)."""
+    if size == 8 and not rex and 4 <= num <= 7:
+        return Operand(REG, 8, num - 4, high8=True)
+    return Operand(REG, size, num)
 
 
 __all__ = ["CR", "DR", "FAR", "IMM", "MAX_LENGTH", "OPCODE_MAP", "REL", "DecodeConfig", "decode"]

@@ -12,8 +12,11 @@ Opcode column
 
 Operand column (Appendix A.2 addressing methods and operand types)
     ``E`` ModRM r/m (register or memory), ``G`` ModRM reg, ``M`` r/m memory
-    only (#UD for a register), ``R`` r/m register only, ``S`` ModRM reg as a
-    segment register, ``C``/``D`` ModRM reg as a control/debug register,
+    only (#UD for a register), ``R`` r/m register only (the mod field is
+    ignored and read as 11b, SDM Vol. 2B MOV--Move to/from Control
+    Registers), ``S`` ModRM reg as a segment register (6, 7 reserved: #UD),
+    ``C``/``D`` ModRM reg (+ REX.R) as a control/debug register (CR0, CR2-CR4,
+    CR8 and DR0-DR7 exist; the others are #UD),
     ``I`` immediate, ``Is`` immediate sign-extended to the operand size, ``J``
     relative offset, ``O`` moffs (address-size offset), ``X`` DS:rSI, ``Y``
     ES:rDI, ``A`` direct far pointer, ``Z`` register in the opcode's low bits.
@@ -32,7 +35,15 @@ Attribute column
     branch: operand size 64 in 64-bit mode (Intel ignores 66; AMD honours it,
     APM Vol. 3 1.2.5 -- the spec follows the configured vendor);
     ``rep`` F2/F3 repeat; ``repe`` F3 = REPE, F2 = REPNE; ``rexw``/``norexw``
-    the row applies only with/without REX.W; ``names=A/B/C`` assembler name
+    the row applies only with/without REX.W; ``nat`` operand size is the
+    mode's natural width, 64 in 64-bit mode and 32 otherwise, 66 and REX.W
+    ignored (MOV CR/DR); ``amd32`` far-pointer rows where AMD ignores REX.W
+    (no m16:64 form, APM Vol. 3 CALL/JMP (Far), LSS/LFS/LGS) -- with the
+    vendor ``amd`` REX.W gives operand size 32 (66 is still overridden); ``vex`` the opcode byte is also
+    the VEX (C4/C5) or EVEX (62) escape: in 64-bit mode, and with ModRM.mod =
+    11b in the other modes, the bytes are a VEX/EVEX instruction the spec does
+    not model (SDM Vol. 2A 2.3.5 and 2.7.1; the decoder reports
+    ``Unimplemented``); ``names=A/B/C`` assembler name
     for operand size 16/32/64; ``anames=`` the same by address size;
     ``ud`` the encoding is reserved and raises #UD.
 """
@@ -112,9 +123,9 @@ TABLE = """
 58+r       | POP     | Zv        | d64
 60         | PUSHA   |           | i64 names=PUSHA/PUSHAD/PUSHAD
 61         | POPA    |           | i64 names=POPA/POPAD/POPAD
-62 /r      | BOUND   | Gv,Ma     | i64
+62 /r      | BOUND   | Gv,Ma     | i64 vex
 63 /r      | ARPL    | Ew,Gw     | i64
-63 /r      | MOVSXD  | Gv,Ed     | o64
+63 /r      | MOVSXD  | Gv,Ez     | o64
 68         | PUSH    | Iz        | d64
 69 /r      | IMUL    | Gv,Ev,Iz  |
 6A         | PUSH    | Ibs       | d64
@@ -166,8 +177,14 @@ TABLE = """
 8A /r      | MOV     | Gb,Eb     |
 8B /r      | MOV     | Gv,Ev     |
 8C /r      | MOV     | Evw,Sw    |
+8C /6      | UD      |           | ud
+8C /7      | UD      |           | ud
 8D /r      | LEA     | Gv,M      |
 8E /r      | MOV     | Sw,Ew     |
+# 8E /1 would load CS: #UD (SDM Vol. 2B MOV).
+8E /1      | UD      |           | ud
+8E /6      | UD      |           | ud
+8E /7      | UD      |           | ud
 8F /0      | POP     | Ev        | d64
 8F /1      | UD      |           | ud
 8F /2      | UD      |           | ud
@@ -224,8 +241,8 @@ C1 /6      | SAL     | Ev,Ib     |
 C1 /7      | SAR     | Ev,Ib     |
 C2         | RET     | Iw        | f64
 C3         | RET     |           | f64
-C4 /r      | LES     | Gz,Mp     | i64
-C5 /r      | LDS     | Gz,Mp     | i64
+C4 /r      | LES     | Gz,Mp     | i64 vex
+C5 /r      | LDS     | Gz,Mp     | i64 vex
 C6 /0      | MOV     | Eb,Ib     |
 C6 /1      | UD      |           | ud
 C6 /2      | UD      |           | ud
@@ -338,9 +355,9 @@ FE /7      | UD      |           | ud
 FF /0      | INC     | Ev        | lock
 FF /1      | DEC     | Ev        | lock
 FF /2      | CALL    | Ev        | f64
-FF /3      | CALLF   | Mp        |
+FF /3      | CALLF   | Mp        | amd32
 FF /4      | JMP     | Ev        | f64
-FF /5      | JMPF    | Mp        |
+FF /5      | JMPF    | Mp        | amd32
 FF /6      | PUSH    | Ev        | d64
 FF /7      | UD      |           | ud
 # --- two-byte opcodes 0F xx (A.3 Table A-3) ---------------------------------------
@@ -358,7 +375,7 @@ FF /7      | UD      |           | ud
 0F 01 /3   | LIDT    | Ms        |
 0F 01 /4   | SMSW    | Evw       |
 0F 01 /6   | LMSW    | Ew        |
-0F 01 /7   | INVLPG  | Mb        |
+0F 01 /7   | INVLPG  | M         |
 0F 01 =D8  | VMRUN   |           |
 0F 01 =D9  | VMMCALL |           |
 0F 01 =DA  | VMLOAD  |           |
@@ -373,15 +390,18 @@ FF /7      | UD      |           | ud
 0F 03 /r   | LSL     | Gv,Ew     |
 0F 05      | SYSCALL |           |
 0F 06      | CLTS    |           |
-0F 07      | SYSRET  |           |
+0F 07      | SYSRET  |           | names=SYSRET/SYSRET/SYSRETQ
 0F 08      | INVD    |           |
 0F 09      | WBINVD  |           |
+F3 0F 09   | WBNOINVD |          |
 0F 0B      | UD2     |           | ud
+# 0F 0D (AMD PREFETCH/PREFETCHW): only the memory form is valid, a register is #UD (AMD 3DNow! manual).
 0F 0D /r   | PREFETCH | Mb       |
-0F 18 /0   | PREFETCHNTA | Mb    |
-0F 18 /1   | PREFETCHT0 | Mb     |
-0F 18 /2   | PREFETCHT1 | Mb     |
-0F 18 /3   | PREFETCHT2 | Mb     |
+# 0F 18 /0-/3: the register forms are reserved hint NOPs, not #UD (SDM Vol. 2D Table A-6 group 16).
+0F 18 /0   | PREFETCHNTA | Eb    |
+0F 18 /1   | PREFETCHT0 | Eb     |
+0F 18 /2   | PREFETCHT1 | Eb     |
+0F 18 /3   | PREFETCHT2 | Eb     |
 0F 18 /4   | NOP     | Ev        |
 0F 18 /5   | NOP     | Ev        |
 0F 18 /6   | NOP     | Ev        |
@@ -393,19 +413,19 @@ FF /7      | UD      |           | ud
 0F 1D /r   | NOP     | Ev        |
 0F 1E /r   | NOP     | Ev        |
 0F 1F /r   | NOP     | Ev        |
-0F 20 /r   | MOV     | Ry,Cy     |
-0F 21 /r   | MOV     | Ry,Dy     |
-0F 22 /r   | MOV     | Cy,Ry     |
-0F 23 /r   | MOV     | Dy,Ry     |
+0F 20 /r   | MOV     | Ry,Cy     | nat
+0F 21 /r   | MOV     | Ry,Dy     | nat
+0F 22 /r   | MOV     | Cy,Ry     | nat
+0F 23 /r   | MOV     | Dy,Ry     | nat
 0F 30      | WRMSR   |           |
 0F 31      | RDTSC   |           |
 0F 32      | RDMSR   |           |
 0F 33      | RDPMC   |           |
 0F 34      | SYSENTER |          |
-0F 35      | SYSEXIT |           |
-0F 40+cc   | CMOVCC  | Gv,Ev     |
+0F 35      | SYSEXIT |           | names=SYSEXIT/SYSEXIT/SYSEXITQ
+0F 40+cc /r | CMOVCC | Gv,Ev     |
 0F 80+cc   | JCC     | Jz        | f64
-0F 90+cc   | SETCC   | Eb        |
+0F 90+cc /r | SETCC  | Eb        |
 0F A0      | PUSH    | FS        | d64
 0F A1      | POP     | FS        | d64
 0F A2      | CPUID   |           |
@@ -421,12 +441,14 @@ FF /7      | UD      |           | ud
 0F AF /r   | IMUL    | Gv,Ev     |
 0F B0 /r   | CMPXCHG | Eb,Gb     | lock
 0F B1 /r   | CMPXCHG | Ev,Gv     | lock
-0F B2 /r   | LSS     | Gv,Mp     |
+0F B2 /r   | LSS     | Gv,Mp     | amd32
 0F B3 /r   | BTR     | Ev,Gv     | lock
-0F B4 /r   | LFS     | Gv,Mp     |
-0F B5 /r   | LGS     | Gv,Mp     |
+0F B4 /r   | LFS     | Gv,Mp     | amd32
+0F B5 /r   | LGS     | Gv,Mp     | amd32
 0F B6 /r   | MOVZX   | Gv,Eb     |
 0F B7 /r   | MOVZX   | Gv,Ew     |
+# 0F B8 without F3 is JMPE on IA-64 processors only: #UD here.
+0F B8      | UD      |           | ud
 F3 0F B8 /r | POPCNT | Gv,Ev     |
 0F B9 /r   | UD1     | Gv,Ev     | ud
 0F BA /0   | UD      |           | ud
@@ -448,11 +470,11 @@ F3 0F BD /r | LZCNT  | Gv,Ev     |
 0F C1 /r   | XADD    | Ev,Gv     | lock
 0F C7 /1   | CMPXCHG8B | Mq      | lock norexw
 0F C7 /1   | CMPXCHG16B | Mdq    | lock rexw
-0F C8+r    | BSWAP   | Zy        |
+0F C8+r    | BSWAP   | Zv        |
 0F FF      | UD0     |           | ud
 """
 
-ATTRS = frozenset({"lock", "i64", "o64", "d64", "f64", "rep", "repe", "rexw", "norexw", "ud"})
+ATTRS = frozenset({"lock", "i64", "o64", "d64", "f64", "rep", "repe", "rexw", "norexw", "ud", "nat", "amd32", "vex"})
 
 
 @dataclass(frozen=True)
