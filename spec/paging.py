@@ -190,9 +190,8 @@ def reserved_mask(mode: PagingMode, level: int, large: bool, ctl: PagingControl)
     rsvd = _mask(51, m) if mode is not PAE else _mask(62, m)
     if not ctl.efer & EFER_NXE:
         rsvd |= XD
-    top = mode.levels
-    if level == top and mode in (LEVEL4, LEVEL5):
-        rsvd |= PS  # PML4E/PML5E: bit 7 reserved
+    if level >= 4:
+        rsvd |= PS  # PML4E (and PML5E): bit 7 reserved -- in 5-level paging too (SDM 4.5.4)
     if large and level == 2:
         rsvd |= _mask(20, 13)
     if large and level == 3:
@@ -320,10 +319,18 @@ def walk(D: Domain, mem: PhysAccess, mode: PagingMode, ctl: PagingControl, linea
 
 
 def _set_bits(D: Domain, mem: PhysAccess, addr: Any, eb: int, entry: Any, bits: int) -> None:
-    """Set A/D bits in an entry in memory unless already set (the flags are sticky, SDM 4.8)."""
+    """Set A/D bits in an entry in memory unless already set (the flags are sticky, SDM 4.8).
+
+    A concrete entry is written only when a bit changes (the processor's
+    locked update happens only then -- observable if the tables live in
+    device memory).  A symbolic entry is written back unconditionally: for
+    the RAM array of the symbolic domain, storing an unchanged value is
+    invisible, and it spares the proofs a path fork per level.
+    """
     new = D.or_(64, entry, D.const(64, bits))
-    if D.decide(D.ne(64, new, entry)):
-        mem.write(addr, eb, D.extract(new, 8 * eb - 1, 0))
+    if D.is_concrete(entry) and not D.decide(D.ne(64, new, entry)):
+        return
+    mem.write(addr, eb, D.extract(new, 8 * eb - 1, 0))
 
 
 def _denied(D: Domain, mode: PagingMode, ctl: PagingControl, acc: Access, leaf: Any,

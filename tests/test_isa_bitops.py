@@ -7,11 +7,11 @@ with reference computations written here with plain ints.
 from __future__ import annotations
 
 import pytest
+from conftest import flag, reg, run_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
-from conftest import flag, reg, run_code
 from spec import flags as F
 from spec.cpu import SpecCPU
 from spec.machine import BITS, MODES
@@ -170,7 +170,8 @@ def test_bt_memory_immediate_is_masked(mode: str, w: int) -> None:
     """SDM Vol. 2A BT: an immediate offset with a memory operand is taken modulo the operand size
     (no displacement): BTS [m], w+1 sets bit 1 of the unit at the effective address."""
     imm = w + 1
-    code = check(mode, op(mode, w, f"0f ba {absmem(mode, 5, BASE)} {imm:02x}"), f"bts {PTR[w]} ptr [{BASE:#x}], {imm:#x}")
+    code = check(mode, op(mode, w, f"0f ba {absmem(mode, 5, BASE)} {imm:02x}"),
+                 f"bts {PTR[w]} ptr [{BASE:#x}], {imm:#x}")
     s, ev = run_code(mode, code)
     halted(ev)
     assert s.mem.phys.read_bytes(BASE, 16) == b"\x02" + bytes(15)

@@ -9,11 +9,11 @@ compare the spec with a reference computed here with plain ints.
 from __future__ import annotations
 
 import pytest
+from conftest import flag, reg, run_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
-from conftest import flag, reg, run_code
 from spec import flags as F
 from spec.cpu import SpecCPU
 from spec.machine import BITS, MODES

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import flag, reg, run_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
-from conftest import flag, reg, run_code
 from spec import flags as F
 from spec.machine import BITS, MODES
 

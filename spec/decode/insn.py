@@ -52,8 +52,14 @@ class Operand:
     ``size`` is in bits.  For ``REG`` with ``high8`` the register is AH/CH/DH/BH
     of ``reg`` 0-3.  For ``MEM`` the effective address is
     ``base + (index << scale) + disp`` in the instruction's address size, or
-    ``next RIP + disp`` when ``rip_rel``; ``seg`` is the segment after
-    overrides (in 64-bit mode the semantics ignore all but FS/GS bases).
+    ``next RIP + disp`` when ``rip_rel`` (EIP-relative when the address size
+    is 32); ``disp`` is the signed ModRM displacement, or the unsigned offset
+    of a moffs operand; ``seg`` is the segment after overrides (in 64-bit mode
+    an ES/CS/SS/DS override never displaces FS/GS, and the semantics ignore
+    all but FS/GS bases); ``size`` 0 is an address-only operand (LEA,
+    INVLPG).  ``IMM`` values are unsigned, already extended to ``size``;
+    ``REL`` values are signed; ``FAR`` keeps the selector in ``reg`` and the
+    offset in ``value``.
     """
 
     kind: int

@@ -6,6 +6,8 @@ write-back.  LOCK needs no semantics of its own in a single-CPU model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from spec import flags as F
 from spec.decode.insn import Insn
 from spec.isa.context import Exec
@@ -64,7 +66,9 @@ def cmp(x: Exec, i: Insn) -> None:
     x.set_flags(F.SUB, w, a, b, x.D.sub(w, a, b))
 
 
-def _logic(op: str):
+def _logic(op: str) -> Callable[[Exec, Insn], None]:
+    """AND/OR/XOR ``dst, src``: the domain operation named ``op``, logic flags."""
+
     def sem(x: Exec, i: Insn) -> None:
         dst, src = i.operands
         w = dst.size

@@ -294,7 +294,8 @@ def _double(left: bool) -> Any:
 _DOUBLE_DOC = """{name} DEST, SRC, count: shift DEST {dir} by the masked count, filling from SRC.
 
 CF = last bit shifted out of DEST; OF (count 1) = 1 iff DEST's sign changed;
-SF/ZF/PF from the result; AF undefined (1, as on AMD).  A masked count of 0
+SF/ZF/PF from the result; AF undefined (the spec sets 1: measured on AMD for
+SHLD, ORACLES.md; assumed the same for SHRD).  A masked count of 0
 is a no-operation (no flag changes).  A masked count greater than the operand
 size (16-bit operands only, counts 17..31) leaves the register result and all
 six status flags undefined (SDM Vol. 2B {name} "Operation": "Bad parameters");
