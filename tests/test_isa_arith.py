@@ -339,7 +339,7 @@ def execute(case: Case, code: bytes) -> tuple[MachineState, StopEvent]:
     return st, ev
 
 
-_CS = {}
+_CS: dict[str, capstone.Cs] = {}
 
 
 def disasm(mode: str, code: bytes):
