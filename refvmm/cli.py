@@ -108,6 +108,7 @@ def run(
 ) -> None:
     """Run a guest on the spec CPU and print its final state."""
     from spec.cpu import SpecCPU
+    from spec.faults import Fault, Unimplemented
     from spec.snapshot import Snapshot
 
     st = _load_guest(guest, mode, _int(load, "--load"))
@@ -118,13 +119,17 @@ def run(
     cpu = SpecCPU(st)
     start = st.icount
     if trace:
+        import iced_x86
+
+        fmt = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
         ev = None
         for _ in range(budget):
             try:
                 insn = cpu.fetch_decode()
-                out.print(f"{st.rip:#014x}  {insn.raw.hex():<30} {insn}", markup=False)
-            except Exception:  # the step below reports the fetch/decode outcome as a stop event
-                insn = None
+                text = fmt.format(next(iter(iced_x86.Decoder(st.code_bits, insn.raw, ip=st.rip))))
+                out.print(f"{st.rip:#014x}  {insn.raw.hex():<30} {text}", markup=False)
+            except (Fault, Unimplemented, IndexError):  # the step below reports it as a stop event
+                pass
             ev = cpu.step()
             if ev is not None:
                 break

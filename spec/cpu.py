@@ -25,6 +25,7 @@ from spec.faults import Fault, Unimplemented, Vector
 from spec.isa import SEMANTICS
 from spec.isa.context import Exec, Halt
 from spec.memory import PAGE, AccessKind
+from spec.segmentation import fetch_window
 from spec.state import MachineState
 
 StopKind = Literal["halted", "fault", "budget", "unimplemented", "shutdown"]
@@ -65,6 +66,7 @@ class SpecCPU:
         self.state = state
         self.vendor = vendor
         self.x = Exec(state)
+        self.x.vendor = vendor
         self._decoded: dict[tuple[int, bytes], Insn] = {}
 
     # -- fetch and decode ------------------------------------------------------------
@@ -76,11 +78,19 @@ class SpecCPU:
         return (s.seg[1].base + s.rip) & 0xFFFF_FFFF
 
     def fetch_decode(self) -> Insn:
+        """Fetch and decode the instruction at CS:RIP.
+
+        Segmentation first (:func:`spec.segmentation.fetch_window`): only the
+        bytes the instruction occupies must lie within CS.limit (canonical in
+        64-bit mode), so the first window stops at the limit, and asking for a
+        byte beyond it is #GP(0) -- raised before the next page is touched
+        (segmentation precedes paging, SDM Vol. 3A 3.1).
+        """
         s = self.state
         bits = s.code_bits
-        lin = self.fetch_linear()
+        lin, avail = fetch_window(s)
         user = s.cpl == 3
-        first = min(MAX_LENGTH, PAGE - (lin & (PAGE - 1)))
+        first = min(MAX_LENGTH, PAGE - (lin & (PAGE - 1)), avail)
         window = s.mem.read(lin, first, AccessKind.FETCH, user)
         code = s.D.concrete(window).to_bytes(first, "little")
         key = (bits, code)
@@ -89,9 +99,12 @@ class SpecCPU:
             return insn
 
         def more(n: int) -> bytes:
-            # The instruction continues on the next page: fetch only the bytes it needs.
+            # The instruction continues past the window: fetch only the bytes it needs.
+            if n > avail:
+                raise Fault(Vector.GP, 0)  # a byte beyond CS.limit / the canonical range (SDM Vol. 3A 5.3)
             n = min(n, MAX_LENGTH)
-            rest = s.mem.read((lin + first) & 0xFFFF_FFFF_FFFF_FFFF, n - first, AccessKind.FETCH, user)
+            nxt = (lin + first) & (0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF)
+            rest = s.mem.read(nxt, n - first, AccessKind.FETCH, user)
             return code + s.D.concrete(rest).to_bytes(n - first, "little")
 
         insn = decode(code, bits, more, vendor=self.vendor)

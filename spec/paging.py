@@ -104,7 +104,8 @@ class PagingControl:
     cr4: int = 0
     efer: int = 0
     maxphyaddr: int = 48
-    pdptes: tuple[int, ...] = (0, 0, 0, 0)  # PAE PDPTE registers, loaded on MOV CR3 (SDM 4.4.1)
+    # PAE PDPTE registers, loaded on MOV CR3 (SDM 4.4.1).  Ints; the proofs may pass 64-bit domain values.
+    pdptes: tuple[Any, ...] = (0, 0, 0, 0)
     pkru: int = 0
     ac: bool = False  # RFLAGS.AC (SMAP override for explicit supervisor accesses)
 
@@ -207,14 +208,14 @@ def pdpte_reserved(ctl: PagingControl) -> int:
 def _table_address(D: Domain, mode: PagingMode, entry: Any, maxphy: int) -> Any:
     """Physical address of the next table referenced by ``entry`` (bits M-1:12)."""
     if mode.entry_bytes == 4:
-        return D.and_(64, D.zext(entry, 32, 64), D.const(64, 0xFFFF_F000))
+        return D.and_(64, entry, D.const(64, 0xFFFF_F000))
     return D.and_(64, entry, D.const(64, _mask(maxphy - 1, 12)))
 
 
 def _page_base(D: Domain, mode: PagingMode, entry: Any, level: int, maxphy: int) -> Any:
     """Physical base of the page an entry maps at ``level``."""
     if mode.entry_bytes == 4:
-        e = D.zext(entry, 32, 64)
+        e = entry  # already zero-extended to 64 bits by the walk
         if level == 1:
             return D.and_(64, e, D.const(64, 0xFFFF_F000))
         # 4-MByte page: PA[31:22] from bits 31:22, PA[39:32] from bits 20:13 (SDM Table 4-4).
@@ -244,12 +245,12 @@ def walk(D: Domain, mem: PhysAccess, mode: PagingMode, ctl: PagingControl, linea
         if mode.top_from_registers and level == mode.levels:
             idx = D.concrete(D.extract(linear, shift + bits - 1, shift)) if D.is_concrete(linear) else None
             if idx is None:
-                e = D.const(64, ctl.pdptes[0])
+                e = _register(D, ctl.pdptes[0])
                 for k in (1, 2, 3):
-                    e = D.ite(D.eq(2, D.extract(linear, 31, 30), D.const(2, k)), D.const(64, ctl.pdptes[k]), e)
+                    e = D.ite(D.eq(2, D.extract(linear, 31, 30), D.const(2, k)), _register(D, ctl.pdptes[k]), e)
                 entry = e
             else:
-                entry = D.const(64, ctl.pdptes[idx])
+                entry = _register(D, ctl.pdptes[idx])
             addr = None
         else:
             idx_v = D.zext(D.extract(linear, shift + bits - 1, shift), bits, 64)
@@ -316,6 +317,11 @@ def walk(D: Domain, mem: PhysAccess, mode: PagingMode, ctl: PagingControl, linea
     base = _page_base(D, mode, entry, level, ctl.maxphyaddr)
     w.phys = D.or_(64, base, D.and_(64, linear, D.const(64, (1 << ps) - 1)))
     return w
+
+
+def _register(D: Domain, v: Any) -> Any:
+    """A PDPTE register as a 64-bit domain value (a plain int, or already a domain value)."""
+    return D.const(64, v) if isinstance(v, int) else v
 
 
 def _set_bits(D: Domain, mem: PhysAccess, addr: Any, eb: int, entry: Any, bits: int) -> None:

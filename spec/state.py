@@ -19,6 +19,7 @@ from typing import Any
 
 from spec import flags as F
 from spec.domain.base import Domain
+from spec.io import EMPTY_IO_BUS, IOBus
 from spec.memory import LinearMemory, PhysicalMemory
 
 # Control-register and EFER bits used by mode logic (SDM Vol. 3A 2.5; APM Vol. 2 3.1.7).
@@ -128,6 +129,7 @@ class MachineState:
     pdptes: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # PAE PDPTE registers (SDM Vol. 3A 4.4.1)
     pkru: int = 0  # protection-key rights for user pages (SDM Vol. 3A 4.6.2)
     a20: bool = True  # A20 gate: False forces physical address bit 20 to 0 outside long mode
+    io: IOBus = EMPTY_IO_BUS  # port I/O bus (spec/io.py): host plumbing, not in snapshots; copies share it
 
     def __post_init__(self) -> None:
         if hasattr(self.mem, "state"):
@@ -244,4 +246,5 @@ class MachineState:
             gdtr=replace(self.gdtr), idtr=replace(self.idtr), ldtr=self.ldtr.copy(), tr=self.tr.copy(),
             cr0=self.cr0, cr2=self.cr2, cr3=self.cr3, cr4=self.cr4, cr8=self.cr8, efer=self.efer,
             dr=list(self.dr), msrs=dict(self.msrs), halted=self.halted, icount=self.icount,
-            interrupt_shadow=self.interrupt_shadow, pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20)
+            interrupt_shadow=self.interrupt_shadow, pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20,
+            io=self.io)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, settings
+from iced_x86 import Decoder, Formatter, FormatterSyntax
 
 from spec.cpu import SpecCPU, StopEvent
-from spec.machine import MODES, flat_machine
+from spec.machine import BITS, MODES, flat_machine
 from spec.state import MachineState
 
 settings.register_profile("ci", max_examples=200, deadline=None,
@@ -50,3 +51,33 @@ def reg(st: MachineState, name: str) -> int:
 
 def flag(st: MachineState, f: int) -> bool:
     return bool(st.get_flag(f))
+
+
+M64 = (1 << 64) - 1
+
+_FMT = Formatter(FormatterSyntax.INTEL)
+_FMT.space_after_operand_separator = True
+_FMT.hex_prefix = "0x"
+_FMT.hex_suffix = ""
+_FMT.uppercase_hex = False
+_FMT.small_hex_numbers_in_decimal = False
+
+
+def check(mode: str, code: str, text: str) -> str:
+    """Assert ``code`` is one instruction that iced-x86 disassembles as ``text``; return ``code``."""
+    raw = bytes.fromhex(code)
+    insn = next(iter(Decoder(BITS[mode], raw, ip=0x1000)))
+    assert insn.len == len(raw), f"{code}: iced length {insn.len}"
+    assert _FMT.format(insn) == text, f"{code}: iced says {_FMT.format(insn)!r}"
+    return code
+
+
+def mask(w: int) -> int:
+    return (1 << w) - 1
+
+
+def merge(old: int, new: int, w: int) -> int:
+    """The 64-bit register after a ``w``-bit write (32-bit writes zero-extend, SDM Vol. 1 3.4.1.1)."""
+    if w >= 32:
+        return new & mask(w)
+    return (old & ~mask(w) & M64) | (new & mask(w))

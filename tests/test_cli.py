@@ -120,3 +120,11 @@ def test_coverage_core_set_complete() -> None:
         row = doc["table"][name]
         for mode, status in row.items():
             assert status in ("ok", "#UD", "n/a"), f"{name} in {mode}: {status}"
+
+
+def test_committed_schema_is_current() -> None:
+    """corpus/schema/*.schema.json must match the models (regenerate with `refvmm schema --out corpus/schema`)."""
+    from spec.snapshot import Snapshot
+
+    committed = json.loads((ROOT / "corpus" / "schema" / "snapshot.schema.json").read_text())
+    assert committed == Snapshot.model_json_schema(mode="validation")

@@ -7,10 +7,9 @@ with reference computations written here with plain ints.
 from __future__ import annotations
 
 import pytest
-from conftest import flag, reg, run_code
+from conftest import check, flag, mask, merge, reg, run_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iced_x86 import Decoder, Formatter, FormatterSyntax
 
 from spec import flags as F
 from spec.cpu import SpecCPU
@@ -24,31 +23,6 @@ PTR = {16: "word", 32: "dword", 64: "qword"}
 BIT_UNDEFINED = (1 << F.OF) | (1 << F.SF) | (1 << F.AF) | (1 << F.PF)
 status_flags = st.sets(st.sampled_from(F.STATUS)).map(lambda s: sum(1 << f for f in s))
 
-_FMT = Formatter(FormatterSyntax.INTEL)
-_FMT.space_after_operand_separator = True
-_FMT.hex_prefix = "0x"
-_FMT.hex_suffix = ""
-_FMT.uppercase_hex = False
-_FMT.small_hex_numbers_in_decimal = False
-
-
-def check(mode: str, code: str, text: str) -> str:
-    """Assert ``code`` is one instruction that iced-x86 disassembles as ``text``; return ``code``."""
-    raw = bytes.fromhex(code)
-    insn = next(iter(Decoder(BITS[mode], raw, ip=0x1000)))
-    assert insn.len == len(raw), f"{code}: iced length {insn.len}"
-    assert _FMT.format(insn) == text, f"{code}: iced says {_FMT.format(insn)!r}"
-    return code
-
-
-def mask(w: int) -> int:
-    return (1 << w) - 1
-
-
-def merge(old: int, new: int, w: int) -> int:
-    if w >= 32:
-        return new & mask(w)
-    return (old & ~mask(w) & M64) | (new & mask(w))
 
 
 def pre(mode: str, w: int, mandatory: str = "") -> str:

@@ -9,10 +9,9 @@ compare the spec with a reference computed here with plain ints.
 from __future__ import annotations
 
 import pytest
-from conftest import flag, reg, run_code
+from conftest import check, flag, mask, merge, reg, run_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iced_x86 import Decoder, Formatter, FormatterSyntax
 
 from spec import flags as F
 from spec.cpu import SpecCPU
@@ -23,31 +22,6 @@ M64 = (1 << 64) - 1
 DATA = 0x6000  # mapped in every flat mode, reachable with 16-bit offsets
 u64 = st.integers(0, M64)
 
-_FMT = Formatter(FormatterSyntax.INTEL)
-_FMT.space_after_operand_separator = True
-_FMT.hex_prefix = "0x"
-_FMT.hex_suffix = ""
-_FMT.uppercase_hex = False
-
-
-def check(mode: str, code: str, text: str) -> str:
-    """Assert ``code`` is one instruction that iced-x86 disassembles as ``text``; return ``code``."""
-    raw = bytes.fromhex(code)
-    insn = next(iter(Decoder(BITS[mode], raw, ip=0x1000)))
-    assert insn.len == len(raw), f"{code}: iced length {insn.len}"
-    assert _FMT.format(insn) == text, f"{code}: iced says {_FMT.format(insn)!r}"
-    return code
-
-
-def mask(w: int) -> int:
-    return (1 << w) - 1
-
-
-def merge(old: int, new: int, w: int) -> int:
-    """The 64-bit register after a ``w``-bit write (32-bit writes zero-extend, SDM Vol. 1 3.4.1.1)."""
-    if w >= 32:
-        return new & mask(w)
-    return (old & ~mask(w) & M64) | (new & mask(w))
 
 
 def osz(mode: str, w: int) -> str:
@@ -478,6 +452,31 @@ def test_cmpxchg_memory(mode: str) -> None:
     assert not flag(s, F.ZF) and flag(s, F.CF)  # 0 - v borrows
     assert reg(s, "rax") == merge(0xFFFF_FFFF_0000_0000, v, w)
     assert s.mem.phys.read(DATA, 4) == 0x11223344
+
+
+def test_cmpxchg_failure_still_writes_memory() -> None:
+    """SDM Vol. 2A CMPXCHG / CMPXCHG8B: "the destination operand is written back if the comparison
+    fails" (the locked read-modify-write always writes).  Observed on a bus: read, then a write of
+    the value read; a register destination is not written (its upper half stays, above)."""
+
+    class Bus:
+        def __init__(self) -> None:
+            self.log: list[tuple[str, int, int, int]] = []
+
+        def read(self, addr: int, n: int) -> int:
+            self.log.append(("r", addr, n, 0x11223344 & mask(8 * n)))
+            return 0x11223344 & mask(8 * n)
+
+        def write(self, addr: int, n: int, value: int) -> None:
+            self.log.append(("w", addr, n, value))
+
+    for code, text, n in (("0f b1 1c 25 00 90 00 00", "cmpxchg [0x9000], ebx", 4),
+                          ("0f c7 0c 25 00 90 00 00", "cmpxchg8b [0x9000]", 8)):
+        bus = Bus()
+        s = rerun(run_code("long64", check("long64", code, text), budget=0, rax=5, rbx=6),
+                  lambda s, bus=bus: setattr(s.mem.phys, "bus", bus))
+        assert not flag(s, F.ZF)
+        assert bus.log == [("r", 0x9000, n, 0x11223344), ("w", 0x9000, n, 0x11223344)]
 
 
 @pytest.mark.parametrize("mode", MODES)

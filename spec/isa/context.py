@@ -6,9 +6,9 @@ and, for control transfers, set ``x.next_rip``.  They never touch Python
 operators on values, the decoder, or the harness.
 
 Every memory access goes through :meth:`Exec.linear` (segment base +
-effective address, wrapped to the address size) and then the state's
-:class:`spec.memory.LinearMemory`; the system-architecture layer adds
-segment-limit/rights checks and paging at those two points.
+effective address, wrapped to the address size, after the segment-level
+checks of :mod:`spec.segmentation`) and then the state's
+:class:`spec.memory.LinearMemory` (paging, in :class:`spec.mmu.MMU`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,22 @@ from spec import flags as F
 from spec.decode.insn import CR, DR, FAR, IMM, MEM, REG, REL, SEG, Insn, Operand
 from spec.faults import Fault, Unimplemented, Vector
 from spec.memory import AccessKind
-from spec.state import MachineState
+from spec.segmentation import (
+    CR4_LA57,
+    LIMIT_VECTOR,
+    canonical_half,
+    check_canonical_symbolic,
+    check_legacy,
+    check_legacy_symbolic,
+)
+from spec.state import EFER_LMA, MachineState
 
 _MASK = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}
 FS, GS = 4, 5
 SS = 2
+_READ, _WRITE = AccessKind.READ, AccessKind.WRITE
+_M32, _M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+_HALF48, _HALF57 = canonical_half(0), canonical_half(CR4_LA57)  # lowest non-canonical address, 4/5-level
 
 
 class Halt(Exception):
@@ -33,7 +44,7 @@ class Halt(Exception):
 class Exec:
     """Per-CPU execution context, re-pointed at each instruction."""
 
-    __slots__ = ("D", "i", "ip_mask", "next_rip", "s")
+    __slots__ = ("D", "i", "ip_mask", "next_rip", "s", "vendor")
 
     def __init__(self, state: MachineState) -> None:
         self.s = state
@@ -41,6 +52,7 @@ class Exec:
         self.i: Insn | None = None
         self.next_rip = 0
         self.ip_mask = _MASK[64]
+        self.vendor = "amd"  # "amd" or "intel": the CPU sets it; semantics consult it where vendors differ
 
     # -- operands ----------------------------------------------------------------------
     def read(self, op: Operand) -> Any:
@@ -85,33 +97,58 @@ class Exec:
             a = D.add(w, a, idx)
         return a
 
-    def linear(self, seg: int, offset: Any, w: int | None = None) -> Any:
+    def linear(self, seg: int, offset: Any, w: int | None = None, n: int = 0, kind: int = _READ) -> Any:
         """Segment base + offset (SDM Vol. 3A 3.4; in 64-bit mode only FS/GS bases apply, 3.2.4).
 
         ``offset`` is a ``w``-bit value (default: the address size); the result
-        is a 64-bit linear address (32-bit outside long mode).
+        is a 64-bit linear address (32-bit outside long mode).  With ``n`` > 0
+        it is the address of an ``n``-byte access of ``kind`` (an
+        :class:`~spec.memory.AccessKind`), checked first by
+        :mod:`spec.segmentation` (limit, type, null segment; canonical form in
+        64-bit mode), which raises #GP(0) or #SS(0); ``n`` = 0 only computes
+        the address.
         """
-        D = self.D
         s = self.s
+        sg = s.seg[seg]
+        if s.efer & EFER_LMA and s.seg[1].l:  # 64-bit mode
+            if type(offset) is int:
+                lin = (offset + sg.base) & _M64 if seg >= FS else offset
+                if n:
+                    half = _HALF57 if s.cr4 & CR4_LA57 else _HALF48
+                    if (lin + n > half) if lin < half else (lin <= _M64 - half):
+                        raise Fault(LIMIT_VECTOR[seg], 0)  # SDM Vol. 1 3.3.7.1
+                return lin
+            D = self.D
+            off = D.zext(offset, w or self.i.addrsize, 64)  # type: ignore[union-attr]
+            lin = D.add(64, off, D.const(64, sg.base)) if seg >= FS else off
+            if n:
+                check_canonical_symbolic(D, D.decide, lin, n, s.cr4, seg)
+            return lin
+        if type(offset) is int:
+            if n:
+                check_legacy(s, sg, seg, offset, n, kind)
+            return (offset + sg.base) & _M32
+        D = self.D
         w = w or self.i.addrsize  # type: ignore[union-attr]
-        off = D.zext(offset, w, 64)
-        if s.code_bits == 64:
-            if seg == FS or seg == GS:
-                return D.add(64, off, D.const(64, s.seg[seg].base))
-            return off
-        lin = D.add(64, off, D.const(64, s.seg[seg].base))
-        return D.and_(64, lin, D.const(64, 0xFFFF_FFFF))
+        if n:
+            check_legacy_symbolic(s, D, D.decide, sg, seg, offset, w, n, kind)
+        return D.and_(64, D.add(64, D.zext(offset, w, 64), D.const(64, sg.base)), D.const(64, _M32))
 
     def _addr(self, lin: Any) -> Any:
         return lin if not self.D.is_concrete(lin) else self.D.concrete(lin)
 
     def mem_read(self, seg: int, offset: Any, n: int, w: int | None = None) -> Any:
-        """Read ``n`` bytes at seg:offset as an ``8n``-bit value (little-endian)."""
-        lin = self._addr(self.linear(seg, offset, w))
-        return self.s.mem.read(lin, n, AccessKind.READ, self.s.cpl == 3)
+        """Read ``n`` bytes at seg:offset as an ``8n``-bit value (little-endian), after the segment checks."""
+        lin = self.linear(seg, offset, w, n, _READ)
+        if type(lin) is not int:
+            lin = self._addr(lin)
+        return self.s.mem.read(lin, n, _READ, self.s.cpl == 3)
 
     def mem_write(self, seg: int, offset: Any, n: int, value: Any, w: int | None = None) -> None:
-        lin = self._addr(self.linear(seg, offset, w))
+        """Write ``n`` bytes at seg:offset, after the segment checks (a write right: SDM Vol. 3A 5.4.1)."""
+        lin = self.linear(seg, offset, w, n, _WRITE)
+        if type(lin) is not int:
+            lin = self._addr(lin)
         self.s.mem.write(lin, n, value, self.s.cpl == 3)
 
     # -- registers and flags -----------------------------------------------------------

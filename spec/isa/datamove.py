@@ -4,8 +4,9 @@ XADD, CMPXCHG, CMPXCHG8B/16B, BSWAP, CMOVcc, SETcc, CBW/CWD families, XLAT, LAHF
 Every instruction has the usual shape: operands -> operation -> flags ->
 write-back.  Writes of a 32-bit register zero-extend it to 64 bits (SDM Vol. 1
 3.4.1.1, done by the state); where the manuals say a register is *not*
-written (CMPXCHG, CMPXCHG8B/16B, BSWAP r16), the register is left alone, upper
-half included.  LOCK needs no semantics of its own in a single-CPU model.
+written (the accumulator or a register destination of CMPXCHG, EDX:EAX of
+CMPXCHG8B), the register is left alone, upper half included.  LOCK needs no
+semantics of its own in a single-CPU model.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def movsxd(x: Exec, i: Insn) -> None:
         x.write(dst, x.s.read_gpr(src.reg, 16))
 
 
-@instruction("LEA", ref="SDM Vol. 2A LEA (Table 3-53, operand size vs address size)")
+@instruction("LEA", ref="SDM Vol. 2A LEA (operand size vs address size table)")
 def lea(x: Exec, i: Insn) -> None:
     """The effective address, computed in the address size, then truncated to (or
     zero-extended to) the operand size.  No memory access; the segment is ignored."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spec.decode.insn import Insn
-from spec.isa.context import Exec
+from spec.isa.context import Exec, Vector
 from spec.isa.registry import instruction
 
 
@@ -17,6 +17,14 @@ def nop(x: Exec, i: Insn) -> None:
     """
 
 
-@instruction("HLT", ref="SDM Vol. 2A HLT")
+@instruction("HLT", ref="SDM Vol. 2A HLT; APM Vol. 3 HLT")
 def hlt(x: Exec, i: Insn) -> None:
+    """Halt until an interrupt: privileged, #GP(0) at CPL > 0 (SDM Vol. 2A HLT "Operation").
+
+    CPL is 0 in real-address mode and 3 in virtual-8086 mode, so HLT always
+    halts in the former and always faults in the latter.  RIP is left past the
+    HLT (the CPU records the halted state).
+    """
+    if x.s.cpl:
+        raise x.fault(Vector.GP, 0)
     x.halt()

@@ -176,3 +176,9 @@ def scas(x: Exec, i: Insn) -> None:
     s.write_gpr(_RDI, aw, D.add(aw, di, _delta(x, w >> 3, aw)))
     if i.rep is not None:
         _again(x, aw, cnt, _zf_go(x, i, D.eq(w, a, b)))
+
+
+# The repeat machinery, shared with the I/O string instructions INS/OUTS (spec/isa/io.py).
+rep_count = _count
+rep_again = _again
+index_delta = _delta
