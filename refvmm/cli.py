@@ -105,6 +105,9 @@ def run(
     trace: Annotated[bool, typer.Option(help="print every instruction as it executes")] = False,
     dump: Annotated[list[str], typer.Option(help="ADDR:LEN of memory to hex-dump afterwards")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print the final snapshot as JSON")] = False,
+    deliver: Annotated[bool | None, typer.Option(
+        "--deliver/--no-deliver",
+        help="deliver exceptions through the guest's IVT/IDT (default: yes for snapshots, no for flat images)")] = None,
 ) -> None:
     """Run a guest on the spec CPU and print its final state."""
     from spec.cpu import SpecCPU
@@ -116,7 +119,9 @@ def run(
     for d in dump:
         addr, _, n = d.partition(":")
         dumps.append((_int(addr, "--dump"), _int(n or "64", "--dump")))
-    cpu = SpecCPU(st)
+    if deliver is None:
+        deliver = guest.suffix == ".json"
+    cpu = SpecCPU(st, deliver_exceptions=deliver)
     start = st.icount
     if trace:
         import iced_x86

@@ -1,8 +1,8 @@
 """Architectural exceptions, and the model's own errors kept apart from them.
 
 An instruction that faults raises :class:`Fault` inside the model; the CPU's
-``step`` turns it into a stop event (or, once exception delivery exists, into
-delivery through the IDT).  It never escapes into a harness.
+``step`` delivers it through the IVT/IDT (:mod:`spec.interrupts`) or, when
+delivery is off, turns it into a stop event.  It never escapes into a harness.
 
 :class:`Unimplemented` is a *model* limit ("the spec does not cover this
 yet"); it must never be mistaken for an architectural fault, so it is not a

@@ -84,12 +84,11 @@ written whenever a page fault is taken for delivery, even one that becomes
 #DF or happens while delivering #DF (SDM Vol. 3A "Interrupt 14", Figure 6-9
 footnote).
 
-Not modeled (each raises :class:`~spec.faults.Unimplemented` or is a
-documented simplification): task gates and the TSS-based task switch,
-delivery from virtual-8086 mode, shadow stacks (CET), the 16-bit TSS in
-IA-32e mode, the expand-down variants of the TSS-loaded SS beyond the limit
-check below, and the NMI-unblocking rule of IRET beyond the
-``state.nmi_blocked`` flag (IRET must clear it).
+Not modeled: task gates and hardware task switching, and delivery from
+virtual-8086 mode (both raise :class:`~spec.faults.Unimplemented`); shadow
+stacks (CET); #MC/#VE sources; instruction and data breakpoints.  NMI
+blocking is the flag ``state.nmi_blocked`` (set when an NMI is delivered,
+cleared by IRET); an NMI whose own delivery faults does not block NMIs.
 """
 
 from __future__ import annotations
@@ -446,7 +445,7 @@ def deliver(s: MachineState, ev: Event, rip: int) -> None:
         set_accessed(s, ss_lin, ss_raw)
     set_accessed(s, cs_lin, cs_raw)
     _write_frame(s, addrs, slots, new_cpl == 3)
-    if sw == 16:  # a 16-bit stack updates SP only (SDM Vol. 3A 6.12.1: SS.B selects SP or ESP)
+    if sw == 16:  # a 16-bit stack (SS.B = 0) updates SP only (SDM Vol. 3A 3.4.5, D/B flag)
         new_sp |= sp & ~_M16 & _M32
     s.gpr[4] = C(64, new_sp)
     s.seg[1] = cs
@@ -484,6 +483,7 @@ class Outcome:
     delivered: Event | None
     shutdown: str | None = None
     serial: bool = False
+    fault: Fault | None = None  # with ``nested=False``: the exception that stopped delivery
 
     @property
     def first(self) -> bool:
@@ -491,14 +491,15 @@ class Outcome:
         return self.delivered is not None and not self.serial
 
 
-def take(s: MachineState, ev: Event, rip: int, restart_rip: int) -> Outcome:
+def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool = True) -> Outcome:
     """Deliver ``ev`` (return address ``rip``), applying the double-fault rules.
 
     ``restart_rip`` is the return address of an exception raised *during*
     the delivery: the instruction that raised ``ev``, or the boundary at which
     an external event or trap was being delivered (such exceptions are faults
-    of that instruction/boundary).  May raise :class:`Unimplemented` (with
-    the state restored).
+    of that instruction/boundary).  With ``nested=False`` such an exception
+    is not delivered but returned in :attr:`Outcome.fault` (state restored).
+    May raise :class:`Unimplemented` (with the state restored).
     """
     mem = s.mem
     own_journal = mem.journal is None
@@ -516,6 +517,8 @@ def take(s: MachineState, ev: Event, rip: int, restart_rip: int) -> Outcome:
                 _restore(s, snap)
                 if f2.vector == Vector.PF and f2.cr2 is not None:
                     s.cr2 = f2.cr2  # updated even when it becomes #DF or shuts down (Figure 6-9 note)
+                if not nested:
+                    return Outcome(None, None, True, f2)
                 if ev.kind == EventKind.EXCEPTION and ev.vector == Vector.DF:
                     return Outcome(None, f"triple fault: {f2!r} while delivering #DF")
                 second = Event.from_fault(f2, rf=True)

@@ -58,7 +58,8 @@ def _flat(code_seg: bool, bits: int, dpl: int = 0) -> Segment:
                    l=1 if (code_seg and bits == 64) else 0, db=1 if bits == 32 else 0, g=1)
 
 
-def flat_machine(mode: Mode, code: bytes = b"", *, data_pages: int = 1) -> MachineState:
+def flat_machine(mode: Mode, code: bytes = b"", *, data_pages: int = 1, idt: bool = False) -> MachineState:
+    """A flat machine in ``mode``; ``idt=True`` also installs :func:`install_idt`'s tables."""
     if mode not in BITS:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     phys = PhysicalMemory()
@@ -71,8 +72,10 @@ def flat_machine(mode: Mode, code: bytes = b"", *, data_pages: int = 1) -> Machi
     st.rip = CODE
     st.gpr[4] = STACK_TOP
     if mode == "real":
-        st.seg = [Segment(selector=0, base=0, limit=0xFFFF, type=0xB if i == 1 else 0x3) for i in range(6)]
-        return st
+        # After reset every segment cache, CS included, holds a present read/write data
+        # segment (access rights 93H, SDM Vol. 3A 9.1.1 Table 9-1).
+        st.seg = [Segment(selector=0, base=0, limit=0xFFFF, type=0x3) for _ in range(6)]
+        return install_idt(st, mode) if idt else st
     st.cr0 = CR0_PE | CR0_ET
     bits = BITS[mode]
     seg_bits = 32 if bits == 64 else bits
@@ -95,4 +98,89 @@ def flat_machine(mode: Mode, code: bytes = b"", *, data_pages: int = 1) -> Machi
         st.cr4 = CR4_PAE
         st.efer = EFER_LME | EFER_LMA
         st.cr0 |= CR0_PG
+    return install_idt(st, mode) if idt else st
+
+
+# -- interrupt tables (optional: flat_machine(mode, idt=True)) -----------------------------
+
+IDT = 0x3000  # the IDT (protected modes); the real-mode IVT stays at 0
+HANDLERS = 0x4000  # one 16-byte handler stub per vector: HLT
+HANDLER_STRIDE = 16
+TSS = 0x0A00  # 32-bit or 64-bit TSS (0x68 bytes)
+TSS_SEL = 0x28  # its descriptor in the GDT (16 bytes in long mode)
+KERNEL_STACK = 0x6000  # ESP0/RSP0 (SS0 = KERNEL_DS)
+IST1_STACK = 0x7000  # IST1 (long mode)
+GATE_INT16, GATE_TRAP16, GATE_INT32, GATE_TRAP32, GATE_TASK = 0x6, 0x7, 0xE, 0xF, 0x5
+USER_VECTORS = (3, 4, 0x80)  # gates with DPL 3 (INT3, INTO, a system-call vector)
+
+
+def encode_gate(offset: int, selector: int, gtype: int, dpl: int = 0, *, ist: int = 0, present: int = 1,
+                long_mode: bool = False) -> bytes:
+    """An IDT gate (SDM Vol. 3A Figures 6-2 and 6-8): 8 bytes, or 16 in long mode."""
+    raw = ((offset & 0xFFFF) | (selector & 0xFFFF) << 16 | (ist & 7) << 32 | (gtype & 0xF) << 40 | (dpl & 3) << 45
+           | (present & 1) << 47 | ((offset >> 16) & 0xFFFF) << 48)
+    if not long_mode:
+        return raw.to_bytes(8, "little")
+    return raw.to_bytes(8, "little") + ((offset >> 32) & 0xFFFF_FFFF).to_bytes(8, "little")
+
+
+def set_gate(st: MachineState, vector: int, offset: int, selector: int, gtype: int, dpl: int = 0, *,
+             ist: int = 0, present: int = 1) -> None:
+    """Write gate ``vector`` of the IDT at ``st.idtr.base`` (physical = linear in these machines)."""
+    size = 16 if st.long_mode else 8
+    st.mem.phys.write_bytes(st.idtr.base + vector * size,
+                            encode_gate(offset, selector, gtype, dpl, ist=ist, present=present,
+                                        long_mode=st.long_mode))
+
+
+def install_idt(st: MachineState, mode: Mode, *, gate_bits: int | None = None) -> MachineState:
+    """Interrupt tables for a flat machine: every vector's handler is ``HLT`` at ``HANDLERS + 16 * vector``.
+
+    * real mode: the IVT at 0 (limit 0x3FF) points vector v to 0000:(HANDLERS + 16v);
+    * protected modes: an IDT at :data:`IDT` with interrupt gates to
+      KERNEL_CS (16-bit gates in ``prot16``, 32-bit in ``prot32``, 64-bit in
+      ``long64``; ``gate_bits`` overrides the legacy size), DPL 0 except
+      :data:`USER_VECTORS` (DPL 3); a TSS at :data:`TSS` (selector
+      :data:`TSS_SEL`, loaded in TR) with SS0:ESP0 = KERNEL_DS:KERNEL_STACK,
+      or RSP0 = KERNEL_STACK and IST1 = IST1_STACK in long mode.
+
+    A handler that halts leaves the frame on its stack for inspection.
+    """
+    phys = st.mem.phys
+    for v in range(256):
+        phys.write_bytes(HANDLERS + HANDLER_STRIDE * v, b"\xf4")
+    if mode == "real":
+        for v in range(256):
+            phys.write(4 * v, 4, HANDLERS + HANDLER_STRIDE * v)
+        st.idtr.base, st.idtr.limit = 0, 0x3FF
+        return st
+    long_mode = mode == "long64"
+    bits = gate_bits or BITS[mode]
+    gtype = GATE_INT16 if bits == 16 else GATE_INT32
+    size = 16 if long_mode else 8
+    for v in range(256):
+        phys.write_bytes(IDT + v * size, encode_gate(HANDLERS + HANDLER_STRIDE * v, KERNEL_CS, gtype,
+                                                     3 if v in USER_VECTORS else 0, long_mode=long_mode))
+    st.idtr.base, st.idtr.limit = IDT, 256 * size - 1
+    phys.write_bytes(TSS, bytes(0x68))
+    if long_mode:
+        phys.write(TSS + 4, 8, KERNEL_STACK)  # RSP0
+        phys.write(TSS + 0x24, 8, IST1_STACK)  # IST1
+    else:
+        phys.write(TSS + 4, 4, KERNEL_STACK)  # ESP0
+        phys.write(TSS + 8, 2, KERNEL_DS)  # SS0
+    tss = Segment(selector=TSS_SEL, base=TSS, limit=0x67, type=0xB, s=0, dpl=0, p=1)  # busy 32/64-bit TSS
+    phys.write(GDT + TSS_SEL, 8, encode_descriptor(tss))
+    if long_mode:
+        phys.write(GDT + TSS_SEL + 8, 8, TSS >> 32)
+    st.gdtr.limit = max(st.gdtr.limit, TSS_SEL + (16 if long_mode else 8) - 1)
+    st.tr = tss
+    return st
+
+
+def enter_user_mode(st: MachineState) -> MachineState:
+    """Put a protected-mode flat machine at CPL 3: CS = USER_CS, SS/DS/ES/FS/GS = USER_DS (caches as loaded)."""
+    bits = 64 if st.long_mode else (32 if st.seg[1].db else 16)
+    seg_bits = 32 if bits == 64 else bits
+    st.seg = [_flat(i == 1, bits if i == 1 else seg_bits, 3) for i in range(6)]
     return st

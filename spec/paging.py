@@ -29,7 +29,16 @@ Levels are numbered from the leaf: 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E,
 Accessed/dirty policy (SDM 4.8 permits it): the walk sets A in each
 non-leaf entry as it uses it (once the entry is present and free of reserved
 bits), and sets A -- and, for a write, D -- in the leaf only when the access
-is permitted.  A faulting access never sets a leaf's A or D bit.
+is permitted.  A faulting access never sets a leaf's A or D bit.  Flags are
+only ever set, never cleared, and an entry is written only if a flag changes
+(concrete domain; see :func:`_set_bits` for the symbolic domain).
+
+Proved properties (tests/test_paging_proofs.py, Z3 over all page-table
+contents): rights of every entry on success, monotonicity of WP/SMEP/SMAP,
+A/D-only updates, the #PF P/RSVD/W/U/I-D/PK bits, large page = 512 small
+pages, PAE = 4-level where the formats coincide, frame + offset, and the entry
+addresses.  The permission matrix of SDM 4.6 is tested row by row in
+tests/test_paging_matrix.py; what a TLB may cache is :mod:`spec.tlb`.
 """
 
 from __future__ import annotations

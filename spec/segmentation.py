@@ -11,14 +11,15 @@ mode                        checks
 ==========================  ===================================================
 protected, compatibility,   null (unusable) segment -> #GP(0); the access kind
 virtual-8086                against the segment type (:data:`TYPE_RIGHTS`,
-                            SDM Vol. 3A 3.4.5.1 Table 3-1, 5.4) -> #GP(0);
+                            SDM Vol. 3A 3.4.5.1 Table 3-1, 5.4; null:
+                            5.4.1) -> #GP(0);
                             every byte offset within the segment's valid
                             range (:func:`valid_range`, SDM Vol. 3A 5.3)
                             -> #GP(0), #SS(0) through SS
 real-address                the byte offsets within the cached limit only
                             (SDM Vol. 3A 22.33.1 "Segment Wraparound")
 64-bit                      no limit, type or null checks (SDM Vol. 3A 5.3.1,
-                            3.4.4); every linear byte canonical
+                            5.4.1.1, 3.4.4); every linear byte canonical
                             (SDM Vol. 1 3.3.7.1) -> #GP(0), #SS(0) through SS
 ==========================  ===================================================
 
@@ -52,7 +53,7 @@ Decisions the manuals leave to the implementation, and what the spec does:
   keeps whatever type the cache held.  A word at offset FFFFH (or a PUSH
   with SP = 1) is #GP(0) / #SS(0) (SDM Vol. 3A 22.33.1).
 * **Virtual-8086 mode** is protected mode: the full checks apply; segment
-  loads there give 64-KiB read/write data segments (SDM Vol. 3A 20.2.1),
+  loads there give 64-KiB read/write data segments (SDM Vol. 3A 20.2),
   so only limit violations occur in practice.
 * **Instruction fetch** checks the limit only, never the type: right after
   CR0.PE is set the processor keeps fetching through the real-mode CS
@@ -66,6 +67,8 @@ Decisions the manuals leave to the implementation, and what the spec does:
   rSP/rBP-based one (SDM Vol. 2 "64-Bit Mode Exceptions": "#SS(0) If a
   memory address referencing the SS segment is in a non-canonical form").
 
+``MachineState.seg_checks`` = False turns all of this off (the application
+view the symbolic instruction twins of :mod:`spec.symexec` prove over).
 Concrete offsets (Python ints) take the fast paths; a symbolic offset turns
 each check into one domain condition and one ``decide`` (the symbolic domain
 forks a fault path where the fault is feasible).
@@ -101,13 +104,14 @@ TYPE_RIGHTS: tuple[int, ...] = tuple(
 )
 """``TYPE_RIGHTS[s << 4 | type]``: bit set of R, W, X, ED (data types 0-7 are always readable)."""
 
-NEEDS: dict[int, int] = {AccessKind.READ: R, AccessKind.WRITE: W, AccessKind.FETCH: X}
-"""The right each access kind needs (SDM Vol. 3A 5.4.1)."""
+NEEDS: tuple[int, ...] = tuple({AccessKind.READ: R, AccessKind.WRITE: W, AccessKind.FETCH: X}[k] for k in AccessKind)
+"""``NEEDS[kind]``: the right an access kind needs (SDM Vol. 3A 5.4)."""
 
 LIMIT_VECTOR: tuple[int, ...] = (Vector.GP, Vector.GP, Vector.SS, Vector.GP, Vector.GP, Vector.GP)
 """Vector of a limit (or canonical) violation through ES, CS, SS, DS, FS, GS (SDM Vol. 3A 6.15)."""
 
 CANONICAL_HALF = {48: 1 << 47, 57: 1 << 56}
+_HALF48, _HALF57 = CANONICAL_HALF[48], CANONICAL_HALF[57]
 
 
 def valid_range(sg: Segment) -> tuple[int, int]:
@@ -132,9 +136,9 @@ def check_legacy(s: MachineState, sg: Segment, sreg: int, off: int, n: int, kind
     rights = TYPE_RIGHTS[sg.s << 4 | sg.type]
     if s.cr0 & CR0_PE:
         if sg.unusable:
-            raise Fault(Vector.GP, 0)  # SDM Vol. 3A 3.4.2: a null selector in DS/ES/FS/GS
+            raise Fault(Vector.GP, 0)  # SDM Vol. 3A 5.4.1: access through a null selector
         if not rights & NEEDS[kind]:
-            raise Fault(Vector.GP, 0)  # SDM Vol. 3A 5.4.1
+            raise Fault(Vector.GP, 0)  # SDM Vol. 3A 5.4: no read/write right for this type
     if rights & ED:
         if off <= sg.limit:
             raise Fault(LIMIT_VECTOR[sreg], 0)
@@ -183,7 +187,10 @@ def canonical_run(lin: int, half: int) -> int:
 
 
 def check_canonical(lin: int, n: int, cr4: int, sreg: int) -> None:
-    """64-bit mode: every byte of an ``n``-byte access at ``lin`` canonical, else #GP(0) / #SS(0) through SS."""
+    """64-bit mode: every byte of an ``n``-byte access at ``lin`` canonical, else #GP(0) / #SS(0) through SS.
+
+    (:meth:`spec.isa.context.Exec.linear` inlines this test on its hot path.)
+    """
     if canonical_run(lin, canonical_half(cr4)) < n:
         raise Fault(LIMIT_VECTOR[sreg], 0)
 
@@ -218,11 +225,15 @@ def fetch_window(s: MachineState) -> tuple[int, int]:
     """
     rip = s.rip
     cs = s.seg[CS]
+    if not s.seg_checks:
+        return (rip if s.efer & EFER_LMA and cs.l else (cs.base + rip) & M32), FETCH_UNLIMITED
     if s.efer & EFER_LMA and cs.l:
-        avail = canonical_run(rip, canonical_half(s.cr4))
-        if not avail:
-            raise Fault(Vector.GP, 0)
-        return rip, avail
+        half = _HALF57 if s.cr4 & CR4_LA57 else _HALF48  # canonical_run, inlined: one call per fetch
+        if rip < half:
+            return rip, half - rip
+        if rip > M64 - half:
+            return rip, M64 + 1 - rip + half
+        raise Fault(Vector.GP, 0)
     lin = (cs.base + rip) & M32
     limit = cs.limit
     if limit == M32:

@@ -193,6 +193,7 @@ class Snapshot(Model):
     pkru: U32 = 0
     a20: bool = Field(default=True, description="A20 gate enabled (False: physical bit 20 forced to 0)")
     interrupt_shadow: bool = Field(default=False, description="interrupts inhibited for one instruction (STI, MOV SS)")
+    nmi_blocked: bool = Field(default=False, description="NMIs blocked until the next IRET (SDM Vol. 3A 6.7.1)")
     undefined_flags: list[Literal["CF", "PF", "AF", "ZF", "SF", "OF"]] = Field(default_factory=list,
                                        description="status flags whose value is architecturally undefined")
     halted: bool = False
@@ -260,6 +261,7 @@ class Snapshot(Model):
         st.pkru = self.pkru
         st.a20 = self.a20
         st.interrupt_shadow = self.interrupt_shadow
+        st.nmi_blocked = self.nmi_blocked
         return st
 
     @classmethod
@@ -293,6 +295,7 @@ class Snapshot(Model):
             pkru=st.pkru,
             a20=st.a20,
             interrupt_shadow=st.interrupt_shadow,
+            nmi_blocked=st.nmi_blocked,
             pages=pages,
         )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spec import flags as F
+from spec.cpumodel import DEFAULT_MODEL, CpuModel
 from spec.domain.base import Domain
 from spec.io import EMPTY_IO_BUS, IOBus
 from spec.memory import LinearMemory, PhysicalMemory
@@ -126,10 +127,17 @@ class MachineState:
     halted: bool = False
     icount: int = 0
     interrupt_shadow: bool = False  # MOV SS / POP SS (and STI) block interrupts for one instruction
+    nmi_blocked: bool = False  # NMI delivered, blocked until the next IRET (SDM Vol. 3A 6.7.1)
     pdptes: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # PAE PDPTE registers (SDM Vol. 3A 4.4.1)
     pkru: int = 0  # protection-key rights for user pages (SDM Vol. 3A 4.6.2)
     a20: bool = True  # A20 gate: False forces physical address bit 20 to 0 outside long mode
+    # Segment-level checks (spec/segmentation.py: limits, types, null segments, canonical form) on data
+    # accesses and fetches.  False is the application view the symbolic instruction twins prove over.
+    seg_checks: bool = True
     io: IOBus = EMPTY_IO_BUS  # port I/O bus (spec/io.py): host plumbing, not in snapshots; copies share it
+    model: CpuModel = DEFAULT_MODEL  # the processor model (spec/cpumodel.py): CPUID, MSRs, TSC; copies share it
+    tsc_offset: int = 0  # TSC = (model.tsc(icount) + tsc_offset) mod 2^64; WRMSR to the TSC sets it
+    tlb_events: list[tuple] | None = None  # TLB-relevant events (spec/isa/system.py); None: not recorded
 
     def __post_init__(self) -> None:
         if hasattr(self.mem, "state"):
@@ -246,5 +254,7 @@ class MachineState:
             gdtr=replace(self.gdtr), idtr=replace(self.idtr), ldtr=self.ldtr.copy(), tr=self.tr.copy(),
             cr0=self.cr0, cr2=self.cr2, cr3=self.cr3, cr4=self.cr4, cr8=self.cr8, efer=self.efer,
             dr=list(self.dr), msrs=dict(self.msrs), halted=self.halted, icount=self.icount,
-            interrupt_shadow=self.interrupt_shadow, pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20,
-            io=self.io)
+            interrupt_shadow=self.interrupt_shadow, nmi_blocked=self.nmi_blocked,
+            pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20, seg_checks=self.seg_checks,
+            io=self.io, model=self.model, tsc_offset=self.tsc_offset,
+            tlb_events=None if self.tlb_events is None else list(self.tlb_events))

@@ -64,6 +64,7 @@ def symbolic_state(D: SymbolicDomain, mode: Mode) -> tuple[MachineState, dict[st
     st.rflags_sys = base.rflags_sys
     st.seg = [s.copy() for s in base.seg]
     st.cr0, st.cr3, st.cr4, st.efer = base.cr0, base.cr3, base.cr4, base.efer
+    st.seg_checks = False  # the application view: no segment-level checks (set True to prove those)
     return st, inputs
 
 

@@ -128,3 +128,20 @@ def test_committed_schema_is_current() -> None:
 
     committed = json.loads((ROOT / "corpus" / "schema" / "snapshot.schema.json").read_text())
     assert committed == Snapshot.model_json_schema(mode="validation")
+
+
+@pytest.mark.parametrize("mode", ["real", "prot32", "long64"])
+def test_snapshot_guest_gets_exceptions_through_its_own_idt(tmp_path: Path, mode: str) -> None:
+    """A snapshot runs with delivery on: UD2 lands in the guest's #UD handler stub, which halts."""
+    from spec.machine import HANDLER_STRIDE, HANDLERS, flat_machine
+    from spec.snapshot import Snapshot
+
+    snap = tmp_path / "ud.json"
+    snap.write_text(Snapshot.from_state(flat_machine(mode, bytes.fromhex("0f0b"), idt=True)).to_json())  # type: ignore[arg-type]
+    r = refvmm("run", str(snap), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["stop"]["kind"] == "halted"
+    assert doc["stop"]["rip"] == HANDLERS + HANDLER_STRIDE * 6 + 1  # past the HLT of vector 6's stub
+    r = refvmm("run", str(snap), "--no-deliver")
+    assert "stop: fault #UD at rip=0x1000" in r.stdout

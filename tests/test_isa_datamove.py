@@ -223,11 +223,11 @@ def test_mov_segment_forms_dispatch() -> None:
     assert s.seg[3].selector == 0x1234 and s.seg[3].base == 0x12340
 
 
-def test_mov_control_register_is_a_model_gap() -> None:
-    """0F 20-23 are system semantics, not implemented here: an 'unimplemented' stop, never a fault."""
+def test_mov_control_register_dispatches_to_system() -> None:
+    """0F 20-23 share the MOV mnemonic; their semantics live in spec/isa/system.py (tests/test_isa_system.py)."""
     s, ev = run_code("long64", check("long64", "0f 20 c0", "mov rax, cr0"), rax=5)
-    assert ev.kind == "unimplemented" and "CR/DR" in ev.detail
-    assert reg(s, "rax") == 5 and s.rip == 0x1000
+    halted(ev)
+    assert reg(s, "rax") == s.cr0
 
 
 # -- MOVZX, MOVSX, MOVSXD ----------------------------------------------------------------------

@@ -105,15 +105,15 @@ class Exec:
         it is the address of an ``n``-byte access of ``kind`` (an
         :class:`~spec.memory.AccessKind`), checked first by
         :mod:`spec.segmentation` (limit, type, null segment; canonical form in
-        64-bit mode), which raises #GP(0) or #SS(0); ``n`` = 0 only computes
-        the address.
+        64-bit mode), which raises #GP(0) or #SS(0), unless
+        ``state.seg_checks`` is off; ``n`` = 0 only computes the address.
         """
         s = self.s
         sg = s.seg[seg]
         if s.efer & EFER_LMA and s.seg[1].l:  # 64-bit mode
             if type(offset) is int:
                 lin = (offset + sg.base) & _M64 if seg >= FS else offset
-                if n:
+                if n and s.seg_checks:
                     half = _HALF57 if s.cr4 & CR4_LA57 else _HALF48
                     if (lin + n > half) if lin < half else (lin <= _M64 - half):
                         raise Fault(LIMIT_VECTOR[seg], 0)  # SDM Vol. 1 3.3.7.1
@@ -121,16 +121,16 @@ class Exec:
             D = self.D
             off = D.zext(offset, w or self.i.addrsize, 64)  # type: ignore[union-attr]
             lin = D.add(64, off, D.const(64, sg.base)) if seg >= FS else off
-            if n:
+            if n and s.seg_checks:
                 check_canonical_symbolic(D, D.decide, lin, n, s.cr4, seg)
             return lin
         if type(offset) is int:
-            if n:
+            if n and s.seg_checks:
                 check_legacy(s, sg, seg, offset, n, kind)
             return (offset + sg.base) & _M32
         D = self.D
         w = w or self.i.addrsize  # type: ignore[union-attr]
-        if n:
+        if n and s.seg_checks:
             check_legacy_symbolic(s, D, D.decide, sg, seg, offset, w, n, kind)
         return D.and_(64, D.add(64, D.zext(offset, w, 64), D.const(64, sg.base)), D.const(64, _M32))
 
@@ -145,7 +145,7 @@ class Exec:
         return self.s.mem.read(lin, n, _READ, self.s.cpl == 3)
 
     def mem_write(self, seg: int, offset: Any, n: int, value: Any, w: int | None = None) -> None:
-        """Write ``n`` bytes at seg:offset, after the segment checks (a write right: SDM Vol. 3A 5.4.1)."""
+        """Write ``n`` bytes at seg:offset, after the segment checks (a write right: SDM Vol. 3A 5.4)."""
         lin = self.linear(seg, offset, w, n, _WRITE)
         if type(lin) is not int:
             lin = self._addr(lin)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from spec import flags as F
 from spec.decode.insn import MEM, SEG, Insn
-from spec.faults import Unimplemented, Vector
+from spec.faults import Vector
 from spec.isa.context import Exec
 from spec.isa.registry import instruction
 from spec.isa.segments import mov_segment
+from spec.isa.system import mov_control
 
 _SYSTEM = SEG  # operand kinds >= SEG (SEG, CR, DR, FAR) are not general data operands
 _RAX, _RCX, _RDX, _RBX = 0, 1, 2, 3
@@ -31,14 +32,15 @@ def mov(x: Exec, i: Insn) -> None:
 
     The segment-register forms (8C, 8E) share the mnemonic and go to
     :func:`spec.isa.segments.mov_segment`; the control/debug-register forms
-    (0F 20-23) belong to the system-architecture layer.  No flags.
+    (0F 20-23) go to :func:`spec.isa.system.mov_control`.  No flags.
     """
     dst, src = i.operands
     if dst.kind >= _SYSTEM or src.kind >= _SYSTEM:
         if dst.kind == SEG or src.kind == SEG:
             mov_segment(x, i)
             return
-        raise Unimplemented("MOV CR/DR: system-architecture issue")
+        mov_control(x, i)  # MOV CRn/DRn (0F 20-23)
+        return
     x.write(dst, x.read(src))
 
 
