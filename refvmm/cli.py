@@ -193,6 +193,41 @@ def coverage(
             out.print(f"  missing  {p.mode:<7} {p.row.key}  ({p.detail})")
 
 
+BENCH_LOOPS = {
+    # mode -> ALU loop with a memory store and LOOP, run until the budget (encodings checked in tests)
+    "long64": "b9ffffff7f31c0ba01000000bf00000100" "4801d04889c34831d348ffc2488907e2ef",
+    "prot32": "b9ffffff7f31c0ba01000000bf00000100" "01d089c331d34289" "07e2f5",
+    "real": "b9ffff31c0ba0100bf0020" "01d089c331d3428905e2f5" "ebe8",
+}
+
+
+@app.command()
+def bench(
+    instructions: Annotated[int, typer.Option(min=1000, help="instructions per mode")] = 200_000,
+) -> None:
+    """Measure the spec CPU's speed (guest instructions per second) on a small loop in each mode."""
+    import time
+
+    from spec.cpu import SpecCPU
+    from spec.machine import flat_machine
+
+    t = Table(title="spec CPU throughput (ALU + store + LOOP; paging on in long64)")
+    t.add_column("mode")
+    t.add_column("instructions", justify="right")
+    t.add_column("seconds", justify="right")
+    t.add_column("instr/s", justify="right")
+    for mode, code in BENCH_LOOPS.items():
+        st = flat_machine(mode, bytes.fromhex(code))  # type: ignore[arg-type]
+        cpu = SpecCPU(st)
+        start = time.perf_counter()
+        ev = cpu.run(instructions)
+        dt = time.perf_counter() - start
+        if ev.kind != "budget":
+            raise UserError(f"bench loop in {mode} stopped early: {ev.describe()}")
+        t.add_row(mode, f"{st.icount:,}", f"{dt:.2f}", f"{st.icount / dt:,.0f}")
+    out.print(t)
+
+
 @app.command()
 def schema(
     out_dir: Annotated[Path, typer.Option("--out", help="directory to write the *.schema.json files into")] = Path("."),

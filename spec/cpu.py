@@ -65,7 +65,7 @@ from spec.isa import SEMANTICS
 from spec.isa.context import Exec, Halt
 from spec.memory import PAGE, AccessKind
 from spec.segmentation import fetch_window
-from spec.state import MachineState
+from spec.state import CR0_PE, MachineState
 
 StopKind = Literal["halted", "fault", "budget", "unimplemented", "shutdown"]
 
@@ -119,12 +119,13 @@ class InterruptSource(Protocol):
 class SpecCPU:
     """The reference interpreter over a :class:`MachineState` (any domain)."""
 
-    def __init__(self, state: MachineState, *, vendor: str = "amd", deliver_exceptions: bool = False) -> None:
+    def __init__(self, state: MachineState, *, vendor: str | None = None, deliver_exceptions: bool = False) -> None:
+        vendor = vendor or state.model.vendor  # the CPU model decides unless the caller overrides it
         self.state = state
         self.vendor = vendor
         self.x = Exec(state)
         self.x.vendor = vendor
-        self._decoded: dict[tuple[int, bytes], Insn] = {}
+        self._decoded: dict[tuple[int, bool, bytes], Insn] = {}
         self.deliver_exceptions = deliver_exceptions
         self.interrupt_source: InterruptSource | None = None
         self._intr: deque[int] = deque()  # vectors requested on INTR, oldest first
@@ -157,7 +158,8 @@ class SpecCPU:
         first = min(MAX_LENGTH, PAGE - (lin & (PAGE - 1)), avail)
         window = s.mem.read(lin, first, AccessKind.FETCH, user)
         code = s.D.concrete(window).to_bytes(first, "little")
-        key = (bits, code)
+        real = not s.cr0 & CR0_PE or bool(s.rflags_sys >> F.VM & 1)  # real-address or virtual-8086 mode
+        key = (bits, real, code)
         insn = self._decoded.get(key) if first == MAX_LENGTH else None
         if insn is not None:
             return insn
@@ -171,7 +173,7 @@ class SpecCPU:
             rest = s.mem.read(nxt, n - first, AccessKind.FETCH, user)
             return code + s.D.concrete(rest).to_bytes(n - first, "little")
 
-        insn = decode(code, bits, more, vendor=self.vendor)
+        insn = decode(code, bits, more, vendor=self.vendor, real=real)
         if first == MAX_LENGTH:
             self._decoded[key] = insn
         return insn

@@ -47,8 +47,8 @@ class MMU(LinearMemory):
     def control(self) -> PagingControl:
         s = self.state
         assert s is not None
-        return PagingControl(cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer, pdptes=tuple(s.pdptes), pkru=s.pkru,
-                             ac=bool(s.rflags_sys >> F.AC & 1))
+        return PagingControl(cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer, maxphyaddr=s.model.maxphyaddr,
+                             pdptes=tuple(s.pdptes), pkru=s.pkru, ac=bool(s.rflags_sys >> F.AC & 1))
 
     def translate(self, linear: Any, kind: AccessKind, user: bool, implicit: bool = False) -> Any:
         s = self.state

@@ -19,7 +19,6 @@ from spec import flags as F
 from spec.cpu import SpecCPU, StopEvent
 from spec.cpumodel import make_model
 from spec.faults import Vector
-from spec.isa import SEMANTICS
 from spec.machine import GDT, MODES, USER_CS, USER_DS, encode_descriptor, flat_machine
 from spec.paging import BITS32, LEVEL4, PAE, paging_mode
 from spec.state import (
@@ -1014,7 +1013,6 @@ def build_program() -> MachineState:
     return s
 
 
-@pytest.mark.skipif("JMPF" not in SEMANTICS, reason="far JMP is not implemented yet")
 def test_guest_program_switches_through_every_mode() -> None:
     """One guest program: real mode -> protected mode (LGDT, CR0.PE, far JMP) -> 32-bit paging -> PAE
     paging (PDPTE load) -> IA-32e mode (EFER.LME by WRMSR, CR0.PG -> LMA, far JMP to a 64-bit segment)
@@ -1055,3 +1053,21 @@ def test_event_order_is_program_order(mode: str) -> None:
     s.cr0 |= CR0_TS
     halted(go(s))
     assert [e[0] for e in s.tlb_events] == ["invlpg", "cr3", "cr0"]  # type: ignore[union-attr]
+
+
+def test_invlpg_real_mode() -> None:
+    """INVLPG is valid in real mode (CPL 0): the linear address is segment base + offset."""
+    s = mk("real", c("real", "0f013e0060", "invlpg [0x6000]"))
+    ds = s.seg[3].copy()
+    ds.selector, ds.base = 0x100, 0x1000
+    s.seg[3] = ds
+    halted(go(s))
+    assert s.tlb_events == [("invlpg", 0x7000)]
+
+
+def test_lmsw_long_mode_and_memory_operand() -> None:
+    """LMSW with a 16-bit memory source in 64-bit mode: only bits 3:0 are loaded (PE already 1)."""
+    s = mk("long64", c("long64", "0f01342500600000", "lmsw [0x6000]"))
+    put(s, DATA, 0xFFFE, 2)
+    halted(go(s))
+    assert s.cr0 & 0xF == 0xF and s.cr0 & CR0_PG

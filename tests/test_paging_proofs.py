@@ -14,12 +14,22 @@ refutes it with a concrete counterexample, printed as the paging-structure
 entries the walk read: ``level``, physical address (or "PDPTE register") and
 value (run ``pytest -s`` to see them).
 
-Memory model: :class:`EntryMemory` is a :class:`spec.memory.SymbolicMemory`
+Memory models: :class:`EntryMemory` is a :class:`spec.memory.SymbolicMemory`
 whose array holds whole entries (8 or 4 bytes) instead of bytes.  It is exact
 for accesses of one entry size at entry-aligned addresses -- and property
 ``g4`` proves that every access the walk makes is exactly that (aligned, in
-the table the previous level names).  Byte arrays give the same results about
-ten times slower.
+the table the previous level names); ``test_byte_memory_gives_the_same_paths``
+runs the byte-level SymbolicMemory itself for comparison (about ten times
+slower).  The two-walk equivalences (e) and (f) use :class:`SnapshotMemory`,
+whose reads see the initial contents (the walk's only stores set A/D, which no
+later step reads -- property (c)) and whose overrides describe the second
+page-table layout.
+
+Configurations (the walker branches on them in Python): ``CONFIGS`` -- 4-level
+paging with WP, NXE, SMEP, SMAP on and seven accesses (CPL 0/3 read, write,
+fetch; implicit supervisor write), with WP+SMAP+AC=1+PKE (PKRU: key 1 WD, key 2
+AD) and three accesses, with everything off; 32-bit paging (PSE, WP, SMEP,
+SMAP), PAE and 5-level paging with a few accesses.  MAXPHYADDR is 40.
 
 Properties: (a) success implies every entry granted the access; (b) turning
 on WP / SMEP / SMAP (and NXE, qualified: see below) never turns a fault into a

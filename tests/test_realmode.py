@@ -393,8 +393,6 @@ def test_invalid_encodings_are_ud_in_real_mode(hexcode: str, what: str) -> None:
     assert (list(s.gpr), s.seg, s.mem.phys.read_bytes(0x6000, 0x300)) == before
 
 
-@pytest.mark.xfail(strict=True, reason="decoder gap: C4/C5/62 with ModRM.mod = 11b are reported as unmodelled "
-                                       "VEX/EVEX in every 16/32-bit mode; in real mode they are #UD either way")
 @pytest.mark.parametrize("hexcode", ["c5f877", "c4e27918c0", "62f1fd48"])
 def test_vex_evex_in_real_mode_are_ud(hexcode: str) -> None:
     """VEX/EVEX instructions are #UD in real-address mode (SDM Vol. 2A 2.8 exception tables, "VEX prefix"

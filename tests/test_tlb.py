@@ -235,28 +235,29 @@ def event_nxe(tlb: ModelTLB, ctl: PagingControl, target: int) -> None:
     tlb.write_efer(ctl.efer ^ NXE, ctl.efer)
 
 
-# event -> (what it does, whether page k must be fresh afterwards: f(is_target, is_global))
+# event -> (what it does, whether page k must be fresh afterwards: f(is_target, is_global, pcide))
 EVENTS = {
-    "mov-cr3": (event_cr3, lambda t, g: not g),
-    "mov-cr3-noflush": (event_cr3_noflush, lambda t, g: False),
-    "cr4-pge": (toggle_cr4(PGE), lambda t, g: True),
-    "cr4-smep": (toggle_cr4(SMEP), lambda t, g: True),
-    "cr4-smap": (toggle_cr4(SMAP), lambda t, g: True),
-    "cr4-pke": (toggle_cr4(PKE), lambda t, g: True),
-    "cr0-wp": (event_wp, lambda t, g: True),
-    "efer-nxe": (event_nxe, lambda t, g: True),
-    "invlpg": (lambda tlb, ctl, a: tlb.invlpg(a, ctl), lambda t, g: t),
-    "invpcid-address": (lambda tlb, ctl, a: tlb.invpcid(0, ctl.cr3 & 0xFFF, a), lambda t, g: t and not g),
-    "invpcid-context": (lambda tlb, ctl, a: tlb.invpcid(1, ctl.cr3 & 0xFFF), lambda t, g: not g),
-    "invpcid-all": (lambda tlb, ctl, a: tlb.invpcid(2), lambda t, g: True),
-    "invpcid-all-nonglobal": (lambda tlb, ctl, a: tlb.invpcid(3), lambda t, g: not g),
-    "page-fault": (lambda tlb, ctl, a: tlb.page_fault(a, ctl), lambda t, g: t),
-    "tlb-control-all": (lambda tlb, ctl, a: tlb.tlb_control(1, 7), lambda t, g: True),
-    "tlb-control-asid": (lambda tlb, ctl, a: tlb.tlb_control(3, ASID), lambda t, g: True),
-    "tlb-control-nonglobal": (lambda tlb, ctl, a: tlb.tlb_control(7, ASID), lambda t, g: not g),
-    "tlb-control-other-asid": (lambda tlb, ctl, a: tlb.tlb_control(3, ASID + 1), lambda t, g: False),
-    "invlpga": (lambda tlb, ctl, a: tlb.invlpga(a, ASID), lambda t, g: t),
-    "invlpga-other-asid": (lambda tlb, ctl, a: tlb.invlpga(a, ASID + 1), lambda t, g: False),
+    "mov-cr3": (event_cr3, lambda t, g, pcide: not g),
+    # Bit 63 keeps the TLB only with PCIDE=1 (with PCIDE=0 the bit is reserved; the model then just flushes).
+    "mov-cr3-noflush": (event_cr3_noflush, lambda t, g, pcide: not pcide and not g),
+    "cr4-pge": (toggle_cr4(PGE), lambda t, g, pcide: True),
+    "cr4-smep": (toggle_cr4(SMEP), lambda t, g, pcide: True),
+    "cr4-smap": (toggle_cr4(SMAP), lambda t, g, pcide: True),
+    "cr4-pke": (toggle_cr4(PKE), lambda t, g, pcide: True),
+    "cr0-wp": (event_wp, lambda t, g, pcide: True),
+    "efer-nxe": (event_nxe, lambda t, g, pcide: True),
+    "invlpg": (lambda tlb, ctl, a: tlb.invlpg(a, ctl), lambda t, g, pcide: t),
+    "invpcid-address": (lambda tlb, ctl, a: tlb.invpcid(0, ctl.cr3 & 0xFFF, a), lambda t, g, pcide: t and not g),
+    "invpcid-context": (lambda tlb, ctl, a: tlb.invpcid(1, ctl.cr3 & 0xFFF), lambda t, g, pcide: not g),
+    "invpcid-all": (lambda tlb, ctl, a: tlb.invpcid(2), lambda t, g, pcide: True),
+    "invpcid-all-nonglobal": (lambda tlb, ctl, a: tlb.invpcid(3), lambda t, g, pcide: not g),
+    "page-fault": (lambda tlb, ctl, a: tlb.page_fault(a, ctl), lambda t, g, pcide: t),
+    "tlb-control-all": (lambda tlb, ctl, a: tlb.tlb_control(1, 7), lambda t, g, pcide: True),
+    "tlb-control-asid": (lambda tlb, ctl, a: tlb.tlb_control(3, ASID), lambda t, g, pcide: True),
+    "tlb-control-nonglobal": (lambda tlb, ctl, a: tlb.tlb_control(7, ASID), lambda t, g, pcide: not g),
+    "tlb-control-other-asid": (lambda tlb, ctl, a: tlb.tlb_control(3, ASID + 1), lambda t, g, pcide: False),
+    "invlpga": (lambda tlb, ctl, a: tlb.invlpga(a, ASID), lambda t, g, pcide: t),
+    "invlpga-other-asid": (lambda tlb, ctl, a: tlb.invlpga(a, ASID + 1), lambda t, g, pcide: False),
 }
 
 
@@ -279,7 +280,7 @@ def test_no_stale_translation_after_events(event: str, global_mask: int, moved: 
     do(tlb, ctl, ALL[target] + (offset if target < 8 else 0))
     for k, a in enumerate(ALL):
         got = translate(tlb, mem, ctl, a).phys
-        if must_be_fresh(k == target, bool(global_mask >> k & 1)):
+        if must_be_fresh(k == target, bool(global_mask >> k & 1), pcid != 0):
             assert got == fresh(mem, ctl, a), (event, k)
         else:
             assert got == cached[k], (event, k)  # kept: the model caches all it may (globals survive CR3)

@@ -129,7 +129,8 @@ def _opcode_text(key: tuple[int, ...]) -> str:
     return " ".join(f"{x:02X}" for x in key)
 
 
-def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *, vendor: str = "amd") -> Insn:
+def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *, vendor: str = "amd",
+           real: bool = False) -> Insn:
     """Decode one instruction from ``code`` for a ``bits``-bit code segment.
 
     ``more(n)`` is asked for at least ``n`` bytes when ``code`` runs out (it
@@ -234,7 +235,9 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
             # A register form of a system group (0F 01 C0..FF) the map does not list: another instruction.
             raise Unimplemented(f"opcode {_opcode_text(key)} with ModRM {modrm:02X} is not in the spec's opcode map")
     attrs = row.attrs
-    if "vex" in attrs and (bits == 64 or mod == 3):
+    # VEX/EVEX are not recognized in real-address and virtual-8086 mode (``real``): there C4/C5/62
+    # are LES/LDS/BOUND, #UD with a register operand (SDM Vol. 2A 2.3.2, 2.8 "VEX prefix" rows).
+    if "vex" in attrs and not real and (bits == 64 or mod == 3):
         raise Unimplemented(f"{_opcode_text(key)} is a VEX/EVEX escape here: VEX/EVEX instructions are not modelled")
 
     # -- operand and address size (SDM Vol. 1 3.6, Vol. 2A 2.2.1.2 Table 2-4) ----------
