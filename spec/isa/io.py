@@ -55,7 +55,7 @@ from spec import flags as F
 from spec.decode.insn import IMM, Insn
 from spec.isa.context import Exec, Vector
 from spec.isa.registry import instruction
-from spec.isa.string import index_delta, rep_again, rep_count
+from spec.isa.string import index_delta, repeat
 from spec.memory import PAGE, AccessKind
 from spec.state import CR0_PE, MachineState
 
@@ -164,19 +164,17 @@ def ins(x: Exec, i: Insn) -> None:
     n = dst.size >> 3
     port = _port(x, i, 1)
     check_io(x, port, n)
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = rep_count(x, aw)
-        if cnt is None:
-            return
-    s, D = x.s, x.D
-    di = s.read_gpr(_RDI, aw)
-    _probe_write(x, dst.seg, di, n)
-    value = D.const(dst.size, s.io.read(port, n) & _SIZE_MASK[n])
-    x.mem_write(dst.seg, di, n, value)
-    s.write_gpr(_RDI, aw, D.add(aw, di, index_delta(x, n, aw)))
-    if i.rep is not None:
-        rep_again(x, aw, cnt)
+
+    def element(x: Exec, i: Insn) -> None:
+        s, D = x.s, x.D
+        aw = i.addrsize
+        di = s.read_gpr(_RDI, aw)
+        _probe_write(x, dst.seg, di, n)
+        value = D.const(dst.size, s.io.read(port, n) & _SIZE_MASK[n])
+        x.mem_write(dst.seg, di, n, value)
+        s.write_gpr(_RDI, aw, D.add(aw, di, index_delta(x, n, aw)))
+
+    repeat(x, i, element)
 
 
 @instruction("OUTS", ref="SDM Vol. 2B OUTS/OUTSB/OUTSW/OUTSD; REP; Vol. 1 19.5")
@@ -186,18 +184,16 @@ def outs(x: Exec, i: Insn) -> None:
     n = src.size >> 3
     port = _port(x, i, 0)
     check_io(x, port, n)
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = rep_count(x, aw)
-        if cnt is None:
-            return
-    s, D = x.s, x.D
-    si = s.read_gpr(_RSI, aw)
-    value = x.mem_read(src.seg, si, n)
-    s.io.write(port, n, D.concrete(value))
-    s.write_gpr(_RSI, aw, D.add(aw, si, index_delta(x, n, aw)))
-    if i.rep is not None:
-        rep_again(x, aw, cnt)
+
+    def element(x: Exec, i: Insn) -> None:
+        s, D = x.s, x.D
+        aw = i.addrsize
+        si = s.read_gpr(_RSI, aw)
+        value = x.mem_read(src.seg, si, n)
+        s.io.write(port, n, D.concrete(value))
+        s.write_gpr(_RSI, aw, D.add(aw, si, index_delta(x, n, aw)))
+
+    repeat(x, i, element)
 
 
 __all__ = ["TSS32_TYPES", "TSS_IOMAP_BASE", "check_io", "io_bitmap_allows"]

@@ -30,6 +30,7 @@ iteration.  F2 on MOVS/STOS/LODS repeats exactly like F3 (the decoder reports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from spec import flags as F
@@ -46,46 +47,38 @@ def _delta(x: Exec, n: int, aw: int) -> Any:
     return x.D.const(aw, -n if x.s.rflags_sys & _DF else n)
 
 
-def _count(x: Exec, aw: int) -> Any:
-    """The repeat counter (CX/ECX/RCX by address size), or ``None`` to skip: count 0 does nothing."""
-    cnt = x.s.read_gpr(_RCX, aw)
-    if x.decide(x.D.is_zero(aw, cnt)):
-        return None
-    return cnt
+def repeat(x: Exec, i: Insn, element: Callable[[Exec, Insn], Any]) -> None:
+    """Run ``element`` (one iteration of a string instruction) under the instruction's repeat prefix.
 
-
-def _again(x: Exec, aw: int, cnt: Any, go: Any = None) -> None:
-    """End of one iteration: decrement the counter; stay on this instruction while more are due.
-
-    ``go`` is the extra REPE/REPNE condition on ZF (``None`` for plain REP).
+    Without a prefix the element runs once.  With one (SDM Vol. 2B REP
+    "Operation"): a zero counter (CX/ECX/RCX by address size) does nothing;
+    otherwise one element runs, the counter is decremented, and while more
+    iterations are due ``x.next_rip`` stays on this instruction.  The element
+    returns its ZF equality (CMPS/SCAS) for REPE/REPNE, or ``None``.
     """
+    if i.rep is None:
+        element(x, i)
+        return
     D = x.D
+    aw = i.addrsize
+    cnt = x.s.read_gpr(_RCX, aw)
+    if x.decide(D.is_zero(aw, cnt)):
+        return
+    equal = element(x, i)
     cnt = D.sub(aw, cnt, D.const(aw, 1))
     x.s.write_gpr(_RCX, aw, cnt)
     more = D.bnot(D.is_zero(aw, cnt))
-    if go is not None:
-        more = D.band(more, go)
+    if equal is not None:
+        # REPE continues while ZF = 1 (operands equal), REPNE while ZF = 0 (the decoder reports
+        # F3 on CMPS/SCAS as "repe" and F2 as "repne").
+        more = D.band(more, equal if i.rep == "repe" else D.bnot(equal))
     if x.decide(more):
         x.next_rip = x.s.rip
 
 
-def _zf_go(x: Exec, i: Insn, equal: Any) -> Any:
-    """REPE continues while ZF = 1 (operands equal), REPNE while ZF = 0.
-
-    The decoder reports F3 on CMPS/SCAS as ``"repe"`` and F2 as ``"repne"``.
-    """
-    return equal if i.rep == "repe" else x.D.bnot(equal)
-
-
-@instruction("MOVS", ref="SDM Vol. 2B MOVS/MOVSB/MOVSW/MOVSD/MOVSQ; REP")
-def movs(x: Exec, i: Insn) -> None:
-    """ES:[rDI] <- seg:[rSI]; both index registers step."""
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = _count(x, aw)
-        if cnt is None:
-            return
+def _movs(x: Exec, i: Insn) -> None:
     s, D = x.s, x.D
+    aw = i.addrsize
     dst, src = i.operands
     n = dst.size >> 3
     si, di = s.read_gpr(_RSI, aw), s.read_gpr(_RDI, aw)
@@ -94,56 +87,49 @@ def movs(x: Exec, i: Insn) -> None:
     d = _delta(x, n, aw)
     s.write_gpr(_RSI, aw, D.add(aw, si, d))
     s.write_gpr(_RDI, aw, D.add(aw, di, d))
-    if i.rep is not None:
-        _again(x, aw, cnt)
 
 
-@instruction("STOS", ref="SDM Vol. 2B STOS/STOSB/STOSW/STOSD/STOSQ; REP")
-def stos(x: Exec, i: Insn) -> None:
-    """ES:[rDI] <- AL/AX/EAX/RAX; rDI steps."""
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = _count(x, aw)
-        if cnt is None:
-            return
+@instruction("MOVS", ref="SDM Vol. 2B MOVS/MOVSB/MOVSW/MOVSD/MOVSQ; REP")
+def movs(x: Exec, i: Insn) -> None:
+    """ES:[rDI] <- seg:[rSI]; both index registers step."""
+    repeat(x, i, _movs)
+
+
+def _stos(x: Exec, i: Insn) -> None:
     s = x.s
+    aw = i.addrsize
     dst = i.operands[0]
     w = dst.size
     di = s.read_gpr(_RDI, aw)
     x.mem_write(dst.seg, di, w >> 3, s.read_gpr(_RAX, w))
     s.write_gpr(_RDI, aw, x.D.add(aw, di, _delta(x, w >> 3, aw)))
-    if i.rep is not None:
-        _again(x, aw, cnt)
+
+
+@instruction("STOS", ref="SDM Vol. 2B STOS/STOSB/STOSW/STOSD/STOSQ; REP")
+def stos(x: Exec, i: Insn) -> None:
+    """ES:[rDI] <- AL/AX/EAX/RAX; rDI steps."""
+    repeat(x, i, _stos)
+
+
+def _lods(x: Exec, i: Insn) -> None:
+    s = x.s
+    aw = i.addrsize
+    src = i.operands[1]
+    w = src.size
+    si = s.read_gpr(_RSI, aw)
+    s.write_gpr(_RAX, w, x.mem_read(src.seg, si, w >> 3))
+    s.write_gpr(_RSI, aw, x.D.add(aw, si, _delta(x, w >> 3, aw)))
 
 
 @instruction("LODS", ref="SDM Vol. 2A LODS/LODSB/LODSW/LODSD/LODSQ; REP")
 def lods(x: Exec, i: Insn) -> None:
     """AL/AX/EAX/RAX <- seg:[rSI]; rSI steps.  EAX is zero-extended into RAX (SDM Vol. 1 3.4.1.1)."""
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = _count(x, aw)
-        if cnt is None:
-            return
-    s = x.s
-    src = i.operands[1]
-    w = src.size
-    si = s.read_gpr(_RSI, aw)
-    v = x.mem_read(src.seg, si, w >> 3)
-    s.write_gpr(_RAX, w, v)
-    s.write_gpr(_RSI, aw, x.D.add(aw, si, _delta(x, w >> 3, aw)))
-    if i.rep is not None:
-        _again(x, aw, cnt)
+    repeat(x, i, _lods)
 
 
-@instruction("CMPS", defines="CF PF AF ZF SF OF", ref="SDM Vol. 2A CMPS/CMPSB/CMPSW/CMPSD/CMPSQ; REPE/REPNE")
-def cmps(x: Exec, i: Insn) -> None:
-    """Flags of seg:[rSI] - ES:[rDI] (the source is the minuend, as in SUB); both index registers step."""
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = _count(x, aw)
-        if cnt is None:
-            return
+def _cmps(x: Exec, i: Insn) -> Any:
     s, D = x.s, x.D
+    aw = i.addrsize
     src, dst = i.operands
     w = src.size
     n = w >> 3
@@ -154,19 +140,18 @@ def cmps(x: Exec, i: Insn) -> None:
     d = _delta(x, n, aw)
     s.write_gpr(_RSI, aw, D.add(aw, si, d))
     s.write_gpr(_RDI, aw, D.add(aw, di, d))
-    if i.rep is not None:
-        _again(x, aw, cnt, _zf_go(x, i, D.eq(w, a, b)))
+    return D.eq(w, a, b)
 
 
-@instruction("SCAS", defines="CF PF AF ZF SF OF", ref="SDM Vol. 2B SCAS/SCASB/SCASW/SCASD/SCASQ; REPE/REPNE")
-def scas(x: Exec, i: Insn) -> None:
-    """Flags of AL/AX/EAX/RAX - ES:[rDI] (as in SUB); rDI steps."""
-    aw = i.addrsize
-    if i.rep is not None:
-        cnt = _count(x, aw)
-        if cnt is None:
-            return
+@instruction("CMPS", defines="CF PF AF ZF SF OF", ref="SDM Vol. 2A CMPS/CMPSB/CMPSW/CMPSD/CMPSQ; REPE/REPNE")
+def cmps(x: Exec, i: Insn) -> None:
+    """Flags of seg:[rSI] - ES:[rDI] (the source is the minuend, as in SUB); both index registers step."""
+    repeat(x, i, _cmps)
+
+
+def _scas(x: Exec, i: Insn) -> Any:
     s, D = x.s, x.D
+    aw = i.addrsize
     dst = i.operands[1]
     w = dst.size
     di = s.read_gpr(_RDI, aw)
@@ -174,11 +159,14 @@ def scas(x: Exec, i: Insn) -> None:
     b = x.mem_read(dst.seg, di, w >> 3)
     x.set_flags(F.SUB, w, a, b, D.sub(w, a, b))
     s.write_gpr(_RDI, aw, D.add(aw, di, _delta(x, w >> 3, aw)))
-    if i.rep is not None:
-        _again(x, aw, cnt, _zf_go(x, i, D.eq(w, a, b)))
+    return D.eq(w, a, b)
 
 
-# The repeat machinery, shared with the I/O string instructions INS/OUTS (spec/isa/io.py).
-rep_count = _count
-rep_again = _again
+@instruction("SCAS", defines="CF PF AF ZF SF OF", ref="SDM Vol. 2B SCAS/SCASB/SCASW/SCASD/SCASQ; REPE/REPNE")
+def scas(x: Exec, i: Insn) -> None:
+    """Flags of AL/AX/EAX/RAX - ES:[rDI] (as in SUB); rDI steps."""
+    repeat(x, i, _scas)
+
+
+# Shared with the I/O string instructions INS/OUTS (spec/isa/io.py).
 index_delta = _delta
