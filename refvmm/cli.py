@@ -131,10 +131,11 @@ def run(
         for _ in range(budget):
             try:
                 insn = cpu.fetch_decode()
+            except (Fault, Unimplemented):
+                insn = None  # nothing to print: the step below reports the fetch/decode outcome
+            if insn is not None:
                 text = fmt.format(next(iter(iced_x86.Decoder(st.code_bits, insn.raw, ip=st.rip))))
                 out.print(f"{st.rip:#014x}  {insn.raw.hex():<30} {text}", markup=False)
-            except (Fault, Unimplemented, IndexError):  # the step below reports it as a stop event
-                pass
             ev = cpu.step()
             if ev is not None:
                 break

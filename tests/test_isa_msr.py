@@ -8,11 +8,11 @@ references written here.  No symbolic twins: MSR values are concrete system stat
 from __future__ import annotations
 
 import pytest
-from conftest import GPR, check, reg
+from conftest import check, reg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_isa_system import mk
 
-from spec import flags as F
 from spec.cpu import SpecCPU, StopEvent
 from spec.cpumodel import (
     CSTAR,
@@ -35,7 +35,7 @@ from spec.cpumodel import (
     make_model,
 )
 from spec.faults import Vector
-from spec.machine import MODES, USER_CS, USER_DS, flat_machine
+from spec.machine import MODES
 from spec.state import EFER_LMA, EFER_LME, MachineState
 
 M32, M64 = 0xFFFF_FFFF, (1 << 64) - 1
@@ -45,22 +45,6 @@ WRMSR, RDMSR, RDTSC, RDTSCP, RDPMC = "0f30", "0f32", "0f31", "0f01f9", "0f33"
 BITS = {"real": 16, "prot16": 16, "prot32": 32, "long64": 64, "v86": 16}
 
 
-def mk(mode: str, code: str, *, cpl: int = 0, model: object = None, **regs: int) -> MachineState:
-    base = "prot32" if mode == "v86" else mode
-    s = flat_machine(base, bytes.fromhex(code) + b"\xf4")  # type: ignore[arg-type]
-    if mode == "v86":
-        s.rflags_sys |= 1 << F.VM
-    if cpl:
-        for k, sel in ((1, USER_CS), (2, USER_DS)):
-            seg = s.seg[k].copy()
-            seg.dpl, seg.selector = 3, sel
-            s.seg[k] = seg
-    if model is not None:
-        s.model = model  # type: ignore[assignment]
-    s.tlb_events = []
-    for name, v in regs.items():
-        s.gpr[GPR[name]] = v & M64
-    return s
 
 
 def go(s: MachineState, vendor: str = "amd") -> StopEvent:

@@ -646,6 +646,24 @@ def _system_ok(s: MachineState, hi: int, high: int, legacy: frozenset[int], ia32
     return typ in ia32e and not (high >> 40) & 0x1F
 
 
+def _access_query(x: Exec, i: Insn, legacy: frozenset[int], ia32e: frozenset[int]
+                  ) -> tuple[int, int] | None:
+    """The common part of LAR and LSL: ``(selector, raw descriptor)`` if the descriptor is valid for
+    the instruction (code/data always; system types from ``legacy``/``ia32e``) and visible at
+    CPL/RPL, else ``None`` (then ZF = 0 and the destination is not written)."""
+    s = x.s
+    require_protected(s)
+    sel = x.D.concrete(x.read(i.operands[1])) & _M16
+    found = _probe(s, sel)
+    if found is None:
+        return None
+    raw, high = found
+    hi = raw >> 32
+    if not (hi >> 12) & 1 and not _system_ok(s, hi, high, legacy, ia32e):
+        return None
+    return (sel, raw) if _visible(s, sel, hi) else None
+
+
 @instruction("LAR", defines="ZF", ref="SDM Vol. 2A LAR; APM Vol. 3 LAR")
 def lar(x: Exec, i: Insn) -> None:
     """Load access rights: ZF = 1 and the destination = descriptor bytes 4-7 masked, if the selector
@@ -657,24 +675,13 @@ def lar(x: Exec, i: Insn) -> None:
     the LDT type is valid on AMD (APM Vol. 3 LAR) but not on Intel (SDM
     Table 3-53).  Other flags are unchanged.
     """
-    s = x.s
-    require_protected(s)
-    dst, src = i.operands
+    dst = i.operands[0]
     D = x.D
-    sel = D.concrete(x.read(src)) & _M16
-    found = _probe(s, sel)
-    ok = False
+    found = _access_query(x, i, _LAR_LEGACY, _LAR_IA32E.get(x.vendor, _LAR_IA32E["amd"]))
     if found is not None:
-        raw, high = found
-        hi = raw >> 32
-        if (hi >> 12) & 1:
-            ok = _visible(s, sel, hi)
-        else:
-            ok = _system_ok(s, hi, high, _LAR_LEGACY, _LAR_IA32E.get(x.vendor, _LAR_IA32E["amd"])) \
-                and _visible(s, sel, hi)
-        if ok:
-            x.write(dst, D.const(dst.size, hi & (0xFF00 if dst.size == 16 else 0x00F0_FF00)))
-    x.set_flag(F.ZF, D.boolean(ok))
+        hi = found[1] >> 32
+        x.write(dst, D.const(dst.size, hi & (0xFF00 if dst.size == 16 else 0x00F0_FF00)))
+    x.set_flag(F.ZF, D.boolean(found is not None))
 
 
 @instruction("LSL", defines="ZF", ref="SDM Vol. 2A LSL; APM Vol. 3 LSL")
@@ -682,24 +689,13 @@ def lsl(x: Exec, i: Insn) -> None:
     """Load segment limit: the byte-granular limit (scaled by G, SDM Vol. 3A 3.4.5) into the
     destination (low 16 bits for a 16-bit destination, zero-extended for 64) and ZF = 1, if the
     descriptor is valid for LSL (code/data, LDT, TSS; no gates) and visible; else ZF = 0, no write."""
-    s = x.s
-    require_protected(s)
-    dst, src = i.operands
+    dst = i.operands[0]
     D = x.D
-    sel = D.concrete(x.read(src)) & _M16
-    found = _probe(s, sel)
-    ok = False
+    found = _access_query(x, i, _LSL_LEGACY, _LSL_IA32E)
     if found is not None:
-        raw, high = found
-        hi = raw >> 32
-        if (hi >> 12) & 1:
-            ok = _visible(s, sel, hi)
-        else:
-            ok = _system_ok(s, hi, high, _LSL_LEGACY, _LSL_IA32E) and _visible(s, sel, hi)
-        if ok:
-            limit = descriptor_cache(sel, raw).limit
-            x.write(dst, D.const(dst.size, limit & (_M16 if dst.size == 16 else _M32)))
-    x.set_flag(F.ZF, D.boolean(ok))
+        limit = descriptor_cache(*found).limit
+        x.write(dst, D.const(dst.size, limit & (_M16 if dst.size == 16 else _M32)))
+    x.set_flag(F.ZF, D.boolean(found is not None))
 
 
 def _verify(x: Exec, i: Insn, write: bool) -> None:
