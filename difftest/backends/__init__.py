@@ -1,0 +1,1 @@
+"""Backends for differential testing: each runs a machine snapshot and reports an outcome."""
