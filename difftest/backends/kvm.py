@@ -57,6 +57,7 @@ ORACLES.md), 5-level paging, compatibility mode, CPL 1/2, virtual-8086 mode.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -339,15 +340,12 @@ class KvmBackend:
             if version != API_VERSION:
                 return f"KVM API version {version}, expected {API_VERSION}"
             self._vm = fcntl.ioctl(self._kvm, KVM_CREATE_VM, 0)
-            try:
-                n = fcntl.ioctl(self._vm, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS)
-                self._max_slots = max(1, n)
-            except OSError:
-                pass
-            try:
-                fcntl.ioctl(self._vm, KVM_SET_TSS_ADDR, 0x7FFF_D000)  # VMX real mode needs it (3 pages)
-            except OSError:
-                pass
+            # Optional probes: a KVM that cannot answer keeps the default of 32 slots; the TSS area is
+            # only needed by Intel VMX for real mode (3 pages), SVM hosts accept or ignore it.
+            with contextlib.suppress(OSError):
+                self._max_slots = max(1, fcntl.ioctl(self._vm, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS))
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self._vm, KVM_SET_TSS_ADDR, 0x7FFF_D000)
             self._vcpu = fcntl.ioctl(self._vm, KVM_CREATE_VCPU, 0)
             run_size = fcntl.ioctl(self._kvm, KVM_GET_VCPU_MMAP_SIZE)
             self._run = mmap.mmap(self._vcpu, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -388,10 +386,8 @@ class KvmBackend:
         self._slots = []
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing left to release
             self.close()
-        except Exception:  # interpreter shutdown: nothing left to do
-            pass
 
     # -- running --------------------------------------------------------------------------------
     def run(self, snap: Snapshot, budget: int) -> Outcome:

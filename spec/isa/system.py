@@ -504,25 +504,26 @@ def ltr(x: Exec, i: Insn) -> None:
     s.tr = cache
 
 
-@instruction("SLDT", ref="SDM Vol. 2B SLDT; APM Vol. 3 SLDT")
-def sldt(x: Exec, i: Insn) -> None:
-    """Store the LDTR selector: a register destination gets it zero-extended to the operand size,
-    a memory destination 16 bits (SDM Vol. 2B SLDT)."""
+def _store_selector(x: Exec, i: Insn, seg: Segment) -> None:
+    """SLDT/STR: a register destination gets the selector zero-extended to the operand size, a
+    memory destination 16 bits (SDM Vol. 2B SLDT, STR)."""
     s = x.s
     require_protected(s)
     _umip(s)
     dst = i.operands[0]
-    x.write(dst, x.D.const(dst.size, s.ldtr.selector & _M16))
+    x.write(dst, x.D.const(dst.size, seg.selector & _M16))
+
+
+@instruction("SLDT", ref="SDM Vol. 2B SLDT; APM Vol. 3 SLDT")
+def sldt(x: Exec, i: Insn) -> None:
+    """Store the LDTR selector."""
+    _store_selector(x, i, x.s.ldtr)
 
 
 @instruction("STR", ref="SDM Vol. 2B STR; APM Vol. 3 STR")
 def str_(x: Exec, i: Insn) -> None:
-    """Store the TR selector (as SLDT: zero-extended into a register, 16 bits to memory)."""
-    s = x.s
-    require_protected(s)
-    _umip(s)
-    dst = i.operands[0]
-    x.write(dst, x.D.const(dst.size, s.tr.selector & _M16))
+    """Store the TR selector."""
+    _store_selector(x, i, x.s.tr)
 
 
 # -- machine status word, CLTS -----------------------------------------------------------------------
