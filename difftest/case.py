@@ -62,6 +62,8 @@ class Environment(Model):
             raise ValueError(f"page size {self.page_size:#x} needs paging")
         if self.paging in ("none",) and self.page_size != PAGE:
             raise ValueError(f"page size {self.page_size:#x} needs paging")
+        if self.paging == "32-bit" and self.page_size != PAGE:
+            raise ValueError("this format has 4 KiB pages only with 32-bit paging")
         if self.page_size == 1 << 30 and self.paging != "4-level":
             raise ValueError("1 GiB pages exist only with 4-level paging")
         return self
