@@ -52,6 +52,7 @@ bytes continue on an unmapped page is #PF (SDM Table 6-2: class 8 before 9).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -66,8 +67,9 @@ from spec.isa.context import Exec, Halt
 from spec.memory import PAGE, AccessKind
 from spec.segmentation import fetch_window
 from spec.state import CR0_PE, MachineState
+from spec.svm.intercepts import VMExit
 
-StopKind = Literal["halted", "fault", "budget", "unimplemented", "shutdown"]
+StopKind = Literal["halted", "fault", "budget", "unimplemented", "shutdown", "vmexit"]
 
 
 class StopEvent(BaseModel):
@@ -81,6 +83,12 @@ class StopEvent(BaseModel):
     error_code: int | None = None
     cr2: int | None = None
     detail: str = ""
+    # kind "vmexit" (SVM guest mode, spec/svm): EXITCODE, EXITINFO1/2, EXITINTINFO and nRIP (AMD APM 15.7).
+    exitcode: int | None = None
+    exitinfo1: int = 0
+    exitinfo2: int = 0
+    exitintinfo: int = 0
+    nrip: int = 0
 
     def describe(self) -> str:
         if self.kind == "fault":
@@ -91,6 +99,9 @@ class StopEvent(BaseModel):
             ec = "" if self.error_code is None else f"({self.error_code:#x})"
             cr2 = "" if self.cr2 is None else f" cr2={self.cr2:#x}"
             return f"fault {name}{ec} at rip={self.rip:#x}{cr2}"
+        if self.kind == "vmexit":
+            return (f"#VMEXIT {self.exitcode:#x} at rip={self.rip:#x} info1={self.exitinfo1:#x} "
+                    f"info2={self.exitinfo2:#x}")
         extra = f": {self.detail}" if self.detail else ""
         return f"{self.kind} at rip={self.rip:#x}{extra}"
 
@@ -133,6 +144,7 @@ class SpecCPU:
         self._db_deferred = False  # single-step trap held over a MOV SS / POP SS
         self._shutdown: str | None = None  # triple fault: the reason; the CPU stays shut down
         self._attention = False  # any of the above: step() takes the slow boundary path
+        self._shadow_at: tuple[int, int] | None = None  # (RIP, icount) of the last boundary in an interrupt shadow
 
     # -- fetch and decode ------------------------------------------------------------
     def fetch_linear(self) -> int:
@@ -216,6 +228,13 @@ class SpecCPU:
             return StopEvent(kind="halted", rip=s.rip)
         except Fault as f:
             return self.exception(f, saved, x.next_rip)
+        except VMExit as e:
+            if e.trap:  # a trap-like intercept (EFER/CRn write trap): the instruction completed
+                s.rip = x.next_rip
+                s.icount += 1
+            else:  # intercepted instructions have no effect (AMD APM Vol. 2 15.9)
+                self._rollback(saved)
+            return self._vmexit(e)
         except Unimplemented as u:
             self._rollback(saved)
             return StopEvent(kind="unimplemented", rip=s.rip, detail=str(u))
@@ -226,6 +245,42 @@ class SpecCPU:
         if after:
             return self._after(insn, after, rip0)
         return None
+
+    def _vmexit(self, e: VMExit) -> StopEvent:
+        """A ``vmexit`` stop.  An instruction undone by the exit was still in the interrupt shadow it
+        started in, so the shadow is restored (the VMCB's INTERRUPT_SHADOW reports it, APM 15.21.5)."""
+        s = self.state
+        if self._shadow_at == (s.rip, s.icount):
+            s.interrupt_shadow = True
+        self.x.i = None
+        return StopEvent(kind="vmexit", rip=self.state.rip, exitcode=e.code, exitinfo1=e.info1, exitinfo2=e.info2,
+                         exitintinfo=e.intinfo, nrip=e.nrip)
+
+    def _exception_vmexit(self, e: VMExit, f: Fault, ev: Event, saved: tuple, start: int,
+                          next_rip: int) -> StopEvent:
+        """#VMEXIT while taking the exception ``f`` of the instruction at ``start`` (AMD APM Vol. 2 15.7, 15.12).
+
+        The exception intercept of INT1's #DB, a trap, comes after the
+        instruction completed (RIP past it).  Otherwise the instruction is
+        undone, RIP stays on it: INT3/INTO (#BP/#OF intercepted), a fault, or
+        an exit while delivering a software interrupt.  nRIP is the next
+        instruction for INT3, INTO and BOUND (APM 15.7.1) and for an exit while
+        delivering INT n/INT3/INTO (so the VMM can re-inject it from EXITINTINFO).
+        """
+        s = self.state
+        direct = not e.intinfo and e.code == 0x40 + f.vector  # the exception itself was intercepted
+        mnemonic = self.x.i.row.mnemonic if self.x.i is not None else ""
+        if direct and f.trap and not f.software:
+            s.rip = next_rip
+            s.icount += 1
+            return self._vmexit(e)
+        self._rollback(saved)
+        s.rip = start
+        if direct and mnemonic in ("INT3", "INTO", "BOUND"):
+            e.nrip = next_rip
+        elif not direct and ev.kind == EventKind.SOFTWARE:
+            e.nrip = next_rip
+        return self._vmexit(e)
 
     def exception(self, f: Fault, saved: tuple, next_rip: int) -> StopEvent | None:
         """An instruction raised ``f``: the one place exceptions are handled.
@@ -254,12 +309,17 @@ class SpecCPU:
         else:
             self._rollback(saved)
         ev = Event.from_fault(f)
+        insn = self.x.i
+        if s.svm is not None and f.software and insn is not None and insn.row.mnemonic != "INT":
+            ev = replace(ev, soft_exception=True)  # INT3/INTO: #BP/#OF for the exception intercepts (APM 15.12)
         try:
             out = take(s, ev, next_rip if f.trap else start, start)
         except Unimplemented as u:
             self._rollback(saved)
             s.rip = start
             return StopEvent(kind="unimplemented", rip=start, detail=str(u))
+        except VMExit as e:
+            return self._exception_vmexit(e, f, ev, saved, start, next_rip)
         self.x.i = None
         if out.shutdown is not None:
             return self._shut_down(out.shutdown)
@@ -323,7 +383,9 @@ class SpecCPU:
             return StopEvent(kind="shutdown", rip=s.rip, detail=self._shutdown), False
         shadow = s.interrupt_shadow
         s.interrupt_shadow = False
-        if self._attention and not shadow:
+        if shadow:
+            self._shadow_at = (s.rip, s.icount)
+        if self._attention and not shadow and s.gif:  # GIF = 0 holds NMI and INTR (AMD APM Vol. 2 15.17)
             if self._nmi and not s.nmi_blocked:
                 self._nmi = False
                 self._update_attention()
@@ -349,11 +411,24 @@ class SpecCPU:
 
     def _deliver_now(self, ev: Event) -> StopEvent | None:
         """Deliver ``ev`` at the current boundary (return address = RIP)."""
+        return self.deliver(ev)
+
+    def deliver(self, ev: Event, return_rip: int | None = None, *, intercept: bool = True) -> StopEvent | None:
+        """Deliver ``ev`` now, at the current boundary, with return address ``return_rip`` (default: RIP).
+
+        In SVM guest mode a #VMEXIT during it (an intercepted exception, a
+        nested page fault) is a ``vmexit`` stop; ``intercept=False`` exempts
+        ``ev`` itself from the exception intercepts (VMRUN event injection,
+        AMD APM Vol. 2 15.20).
+        """
         s = self.state
         try:
-            out = take(s, ev, s.rip, s.rip, nested=self.deliver_exceptions)
+            out = take(s, ev, s.rip if return_rip is None else return_rip, s.rip, nested=self.deliver_exceptions,
+                       intercept=intercept)
         except Unimplemented as u:
             return StopEvent(kind="unimplemented", rip=s.rip, detail=str(u))
+        except VMExit as e:
+            return self._vmexit(e)
         self.x.i = None
         if out.shutdown is not None:
             return self._shut_down(out.shutdown)

@@ -101,6 +101,7 @@ from spec.faults import HAS_ERROR_CODE, Fault, Unimplemented, Vector
 from spec.isa.segments import descriptor_address, descriptor_cache, set_accessed
 from spec.memory import AccessKind
 from spec.state import CR0_PE, MachineState, Segment
+from spec.svm.intercepts import GuestControls, VMExit
 
 CR4_LA57 = 1 << 12
 DR6_BS = 1 << 14  # single-step (SDM Vol. 3A 17.2.3)
@@ -148,6 +149,9 @@ class Event:
     ``error_code`` is the value pushed (``None``: nothing is pushed).
     ``rf`` is the RF bit forced into the pushed RFLAGS image (fault class,
     or an event between REP iterations); ``cr2`` the faulting address of a #PF.
+    ``soft_exception`` marks INT3/INTO (kind SOFTWARE): delivered as software
+    interrupts, but exceptions (#BP, #OF) for SVM's exception intercepts and
+    EXITINTINFO type (AMD APM Vol. 2 15.12, 15.20).
     """
 
     vector: int
@@ -155,6 +159,7 @@ class Event:
     error_code: int | None = None
     rf: bool = False
     cr2: int | None = None
+    soft_exception: bool = False
 
     @property
     def ext(self) -> int:
@@ -186,6 +191,32 @@ class Event:
 
 
 DOUBLE_FAULT = Event(Vector.DF, EventKind.EXCEPTION, 0)
+
+# EXITINTINFO / EVENTINJ TYPE field by event kind (AMD APM Vol. 2 15.20): INTR 0, NMI 2, exception 3, INTn 4.
+_SVM_TYPE = {EventKind.EXTERNAL: 0, EventKind.NMI: 2, EventKind.EXCEPTION: 3, EventKind.SOFTWARE: 4}
+_EXCP0 = 0x40  # exit code of the vector-0 exception intercept (APM Appendix C)
+
+
+def svm_event_info(ev: Event) -> int:
+    """``ev`` in the EXITINTINFO/EVENTINJ format (APM 15.7.2, 15.20): vector, type, EV, V, error code."""
+    typ = 3 if ev.soft_exception else _SVM_TYPE[ev.kind]
+    v = (ev.vector & 0xFF) | typ << 8 | 1 << 31
+    if ev.error_code is not None:
+        v |= 1 << 11 | (ev.error_code & 0xFFFF_FFFF) << 32
+    return v
+
+
+def _svm_exception_exit(svm: GuestControls, ev: Event, outer: Event | None) -> None:
+    """#VMEXIT instead of delivering ``ev`` if it is an intercepted exception (APM 15.12).
+
+    EXITINFO1 = the error code (0 if none), EXITINFO2 = the faulting address
+    of a #PF -- CR2 is *not* written; EXITINTINFO = ``outer``, the event whose
+    delivery raised ``ev`` (APM 15.7.2).
+    """
+    if (ev.kind == EventKind.EXCEPTION or ev.soft_exception) and svm.exception_intercepted(ev.vector):
+        info2 = (ev.cr2 or 0) if ev.vector == Vector.PF else 0
+        raise VMExit(_EXCP0 + ev.vector, ev.error_code or 0, info2,
+                     intinfo=0 if outer is None else svm_event_info(outer))
 
 
 def escalates(first: Event, second: Event) -> bool:
@@ -491,7 +522,8 @@ class Outcome:
         return self.delivered is not None and not self.serial
 
 
-def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool = True) -> Outcome:
+def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool = True,
+         intercept: bool = True) -> Outcome:
     """Deliver ``ev`` (return address ``rip``), applying the double-fault rules.
 
     ``restart_rip`` is the return address of an exception raised *during*
@@ -500,21 +532,40 @@ def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool
     of that instruction/boundary).  With ``nested=False`` such an exception
     is not delivered but returned in :attr:`Outcome.fault` (state restored).
     May raise :class:`Unimplemented` (with the state restored).
+
+    In SVM guest mode (``s.svm``) an intercepted exception -- ``ev`` itself
+    unless ``intercept`` is false (events injected by VMRUN are not
+    intercepted, APM 15.20), or one raised while delivering, #DF included --
+    raises :class:`~spec.svm.intercepts.VMExit` with the state restored; so
+    does a #VMEXIT during delivery (a nested page fault), with EXITINTINFO =
+    the event being delivered (APM 15.7.2).
     """
     mem = s.mem
     own_journal = mem.journal is None
     if own_journal:
         mem.journal = []
     serial = False
+    svm = s.svm
+    outer: Event | None = None
     try:
         while True:
+            if svm is not None and intercept:
+                _svm_exception_exit(svm, ev, outer)
+            intercept = True
             if ev.vector == Vector.PF and ev.kind == EventKind.EXCEPTION and ev.cr2 is not None:
                 s.cr2 = ev.cr2
             snap = _snapshot(s)
             try:
                 deliver(s, ev, rip)
+            except VMExit as e:
+                _restore(s, snap)
+                if not e.intinfo:
+                    e.intinfo = svm_event_info(ev)
+                raise
             except Fault as f2:
                 _restore(s, snap)
+                if svm is not None:
+                    _svm_exception_exit(svm, Event.from_fault(f2), ev)
                 if f2.vector == Vector.PF and f2.cr2 is not None:
                     s.cr2 = f2.cr2  # updated even when it becomes #DF or shuts down (Figure 6-9 note)
                 if not nested:
@@ -522,6 +573,7 @@ def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool
                 if ev.kind == EventKind.EXCEPTION and ev.vector == Vector.DF:
                     return Outcome(None, f"triple fault: {f2!r} while delivering #DF")
                 second = Event.from_fault(f2, rf=True)
+                outer = ev
                 ev = DOUBLE_FAULT if escalates(ev, second) else second
                 rip = restart_rip
                 serial = True
@@ -540,4 +592,4 @@ def take(s: MachineState, ev: Event, rip: int, restart_rip: int, *, nested: bool
 
 
 __all__ = ["DOUBLE_FAULT", "DR6_BS", "Event", "EventClass", "EventKind", "Outcome", "canonical", "deliver",
-           "escalates", "set_sti_shadow", "take"]
+           "escalates", "set_sti_shadow", "svm_event_info", "take"]

@@ -15,13 +15,16 @@ flag removes it; comparisons against other implementations mask that set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spec import flags as F
 from spec.cpumodel import DEFAULT_MODEL, CpuModel
 from spec.domain.base import Domain
 from spec.io import EMPTY_IO_BUS, IOBus
 from spec.memory import LinearMemory, PhysicalMemory
+
+if TYPE_CHECKING:
+    from spec.svm.intercepts import GuestControls
 
 # Control-register and EFER bits used by mode logic (SDM Vol. 3A 2.5; APM Vol. 2 3.1.7).
 CR0_PE, CR0_MP, CR0_EM, CR0_TS, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_NW, CR0_CD, CR0_PG = (
@@ -138,6 +141,10 @@ class MachineState:
     model: CpuModel = DEFAULT_MODEL  # the processor model (spec/cpumodel.py): CPUID, MSRs, TSC; copies share it
     tsc_offset: int = 0  # TSC = (model.tsc(icount) + tsc_offset) mod 2^64; WRMSR to the TSC sets it
     tlb_events: list[tuple] | None = None  # TLB-relevant events (spec/isa/system.py); None: not recorded
+    # SVM guest mode (AMD APM Vol. 2 15.5): the running guest's VMCB controls (spec/svm/intercepts.py);
+    # None outside guest mode, and then no intercept is ever checked.
+    svm: GuestControls | None = None
+    gif: bool = True  # SVM global interrupt flag (APM 15.17): CLGI clears it, STGI sets it; 0 holds NMI and INTR
 
     def __post_init__(self) -> None:
         if hasattr(self.mem, "state"):
@@ -257,4 +264,4 @@ class MachineState:
             interrupt_shadow=self.interrupt_shadow, nmi_blocked=self.nmi_blocked,
             pdptes=list(self.pdptes), pkru=self.pkru, a20=self.a20, seg_checks=self.seg_checks,
             io=self.io, model=self.model, tsc_offset=self.tsc_offset,
-            tlb_events=None if self.tlb_events is None else list(self.tlb_events))
+            tlb_events=None if self.tlb_events is None else list(self.tlb_events), svm=self.svm, gif=self.gif)

@@ -25,6 +25,7 @@ from spec.decode.insn import IMM, MEM, Insn
 from spec.domain.base import Domain
 from spec.isa.context import Exec
 from spec.isa.registry import instruction
+from spec.memory import AccessKind
 
 _LOG2 = {16: 4, 32: 5, 64: 6}
 
@@ -69,7 +70,10 @@ def _bit_op(x: Exec, i: Insn, update: Callable[[Domain, int, Any, Any], Any] | N
     w = dst.size
     D = x.D
     ea, pos = _bit_address(x, i)
-    v = x.read(dst) if ea is None else x.mem_read(dst.seg, ea, w >> 3)
+    if ea is None:
+        v = x.read(dst)
+    else:  # BTS/BTR/BTC read their bit string with write intent (RMW_DEST in spec/isa/context.py)
+        v = x.mem_read(dst.seg, ea, w >> 3, intent=AccessKind.READ if update is None else AccessKind.WRITE)
     x.set_flag(F.CF, D.bit(w, D.lshr(w, v, pos), 0))
     x.undefine(F.OF, F.SF, F.AF, F.PF)
     if update is None:

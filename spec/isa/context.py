@@ -28,11 +28,15 @@ from spec.segmentation import (
     check_legacy_symbolic,
 )
 from spec.state import EFER_LMA, MachineState
+from spec.svm.intercepts import VMExit
 
 _MASK = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}
 FS, GS = 4, 5
 SS = 2
 _READ, _WRITE = AccessKind.READ, AccessKind.WRITE
+# Instructions whose first operand is read and then written (read-modify-write).
+RMW_DEST = frozenset({"ADD", "OR", "ADC", "SBB", "AND", "SUB", "XOR", "INC", "DEC", "NEG", "NOT", "SHL", "SAL",
+                      "SHR", "SAR", "ROL", "ROR", "RCL", "RCR", "SHLD", "SHRD", "XCHG", "XADD", "CMPXCHG"})
 _M32, _M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 _HALF48, _HALF57 = canonical_half(0), canonical_half(CR4_LA57)  # lowest non-canonical address, 4/5-level
 
@@ -60,6 +64,8 @@ class Exec:
         if k == REG:
             return self.s.read_gpr(op.reg, op.size, op.high8)
         if k == MEM:
+            if op is self.i.operands[0] and self.i.row.mnemonic in RMW_DEST:  # type: ignore[union-attr]
+                return self.mem_read(op.seg, self.ea(op), op.size // 8, intent=_WRITE)
             return self.mem_read(op.seg, self.ea(op), op.size // 8)
         if k == IMM:
             return self.D.const(op.size, op.value)
@@ -137,12 +143,17 @@ class Exec:
     def _addr(self, lin: Any) -> Any:
         return lin if not self.D.is_concrete(lin) else self.D.concrete(lin)
 
-    def mem_read(self, seg: int, offset: Any, n: int, w: int | None = None) -> Any:
-        """Read ``n`` bytes at seg:offset as an ``8n``-bit value (little-endian), after the segment checks."""
+    def mem_read(self, seg: int, offset: Any, n: int, w: int | None = None, intent: AccessKind = _READ) -> Any:
+        """Read ``n`` bytes at seg:offset as an ``8n``-bit value (little-endian), after the segment checks.
+
+        ``intent=WRITE``: the read of a read-modify-write destination, translated
+        with write intent -- a page fault on it reports W=1, as the write would
+        (SDM Vol. 3A 4.7; the error code hardware gives, corpus/regressions).
+        """
         lin = self.linear(seg, offset, w, n, _READ)
         if type(lin) is not int:
             lin = self._addr(lin)
-        return self.s.mem.read(lin, n, _READ, self.s.cpl == 3)
+        return self.s.mem.read(lin, n, intent, self.s.cpl == 3)
 
     def mem_write(self, seg: int, offset: Any, n: int, value: Any, w: int | None = None) -> None:
         """Write ``n`` bytes at seg:offset, after the segment checks (a write right: SDM Vol. 3A 5.4)."""
@@ -247,5 +258,16 @@ class Exec:
     def halt(self) -> None:
         raise Halt()
 
+    # -- SVM intercepts (AMD APM Vol. 2 15.9) ---------------------------------------------
+    def intercept(self, code: int, info1: int = 0, info2: int = 0) -> None:
+        """#VMEXIT with ``code`` if the running guest intercepts it; a no-op outside guest mode.
 
-__all__ = ["Exec", "Fault", "Halt", "Vector"]
+        Semantics call it where the APM puts the intercept check (see
+        :mod:`spec.svm.intercepts`); the exit's nRIP is the next instruction.
+        """
+        svm = self.s.svm
+        if svm is not None and svm.vector >> code & 1:
+            raise VMExit(code, info1, info2, nrip=self.next_rip)
+
+
+__all__ = ["Exec", "Fault", "Halt", "VMExit", "Vector"]

@@ -22,6 +22,7 @@ from spec.decode.insn import Insn
 from spec.isa.context import Exec
 from spec.isa.registry import instruction
 from spec.state import MachineState
+from spec.svm.exitcodes import ExitCode
 
 _ZERO = (0, 0, 0, 0)
 CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
@@ -57,6 +58,7 @@ def cpuid_leaf(s: MachineState, leaf: int, subleaf: int) -> tuple[int, int, int,
 @instruction("CPUID", ref="SDM Vol. 2A CPUID; APM Vol. 3 CPUID")
 def cpuid(x: Exec, i: Insn) -> None:
     """EAX, EBX, ECX, EDX := the leaf EAX (subleaf ECX); 32-bit writes (zero-extended in 64-bit mode)."""
+    x.intercept(ExitCode.CPUID)  # APM 15.9 (no exception precedes it)
     s, D = x.s, x.D
     leaf = D.concrete(s.read_gpr(0, 32))
     subleaf = D.concrete(s.read_gpr(1, 32))

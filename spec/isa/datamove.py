@@ -18,6 +18,7 @@ from spec.isa.context import Exec
 from spec.isa.registry import instruction
 from spec.isa.segments import mov_segment
 from spec.isa.system import mov_control
+from spec.memory import AccessKind
 
 _SYSTEM = SEG  # operand kinds >= SEG (SEG, CR, DR, FAR) are not general data operands
 _RAX, _RCX, _RDX, _RBX = 0, 1, 2, 3
@@ -168,7 +169,7 @@ def cmpxchg_wide(x: Exec, i: Insn) -> None:
     ea = x.ea(m)
     if w == 128 and x.decide(D.ne(4, D.extract(x.linear(m.seg, ea), 3, 0), D.const(4, 0))):
         raise x.fault(Vector.GP, 0)
-    temp = x.mem_read(m.seg, ea, n)
+    temp = x.mem_read(m.seg, ea, n, intent=AccessKind.WRITE)  # locked RMW: write intent (RMW_DEST)
     s = x.s
     eq = D.eq(w, D.concat(s.read_gpr(_RDX, h), s.read_gpr(_RAX, h), h), temp)
     x.set_flag(F.ZF, eq)

@@ -123,6 +123,7 @@ from spec.isa.control import is_canonical
 from spec.isa.registry import instruction
 from spec.isa.segments import descriptor_cache, read_descriptor, set_accessed
 from spec.state import CR0_PE, MachineState, Segment
+from spec.svm.exitcodes import ExitCode
 
 CR4_VME = 1 << 0
 _MASK = {16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}
@@ -450,6 +451,7 @@ def retf(x: Exec, i: Insn) -> None:
 @instruction("IRET", defines="CF PF AF ZF SF OF", ref="SDM Vol. 2A IRET/IRETD/IRETQ; Vol. 3A 6.14.3, 20.1-20.3")
 def iret(x: Exec, i: Insn) -> None:
     """Interrupt return at the operand size (IRET 16, IRETD 32, IRETQ 64); see the module docstring."""
+    x.intercept(ExitCode.IRET)  # APM 15.9: before any exception check
     s = x.s
     size = i.opsize
     if not s.cr0 & CR0_PE:

@@ -15,6 +15,11 @@ gate-DPL check is for INT n, INT3 and INTO only; VMX reports INT1 as a
 
 INTO is invalid in 64-bit mode; the decoder raises #UD for it there (the
 opcode row is ``i64``).
+
+SVM (AMD APM Vol. 2 15.9, 15.12): INT n is intercepted by the INTn intercept
+(EXITINFO1 = the vector), INT1 by the ICEBP intercept; INT3 and INTO are
+software *exceptions*, intercepted through the exception bitmap (#BP, #OF)
+when their event is delivered (:mod:`spec.cpu`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from spec.decode.insn import Insn
 from spec.faults import Fault, Vector
 from spec.isa.context import Exec
 from spec.isa.registry import instruction
+from spec.svm.exitcodes import ExitCode
 
 
 @instruction("INT3", ref="SDM Vol. 2A INT3 (CC): #BP, trap")
@@ -33,7 +39,9 @@ def int3(x: Exec, i: Insn) -> None:
 
 @instruction("INT", ref="SDM Vol. 2A INT n (CD ib): interrupt vector ib, trap")
 def int_n(x: Exec, i: Insn) -> None:
-    raise Fault(i.operands[0].value, trap=True, software=True)
+    vector = i.operands[0].value
+    x.intercept(ExitCode.SWINT, vector)  # APM 15.9; decode assist: EXITINFO1 = the vector (APM 15.33.3)
+    raise Fault(vector, trap=True, software=True)
 
 
 @instruction("INTO", ref="SDM Vol. 2A INTO (CE): #OF if OF = 1, trap; otherwise no operation")
@@ -44,4 +52,5 @@ def into(x: Exec, i: Insn) -> None:
 
 @instruction("INT1", ref="SDM Vol. 2A INT1 (F1, ICEBP): #DB, trap, no DPL check")
 def int1(x: Exec, i: Insn) -> None:
+    x.intercept(ExitCode.ICEBP)  # APM 15.9
     raise Fault(Vector.DB, trap=True, software=False)

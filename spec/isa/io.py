@@ -58,6 +58,8 @@ from spec.isa.registry import instruction
 from spec.isa.string import index_delta, repeat
 from spec.memory import PAGE, AccessKind
 from spec.state import CR0_PE, MachineState
+from spec.svm.exitcodes import ExitCode, ioio_info
+from spec.svm.intercepts import VMExit
 
 _RAX, _RDX, _RSI, _RDI = 0, 2, 6, 7
 _VM = 1 << F.VM
@@ -107,6 +109,19 @@ def check_io(x: Exec, port: int, size: int) -> None:
         raise x.fault(Vector.GP, 0)
 
 
+def io_intercept(x: Exec, i: Insn, port: int, size: int, is_in: bool, string: bool = False, seg: int = 0) -> None:
+    """The SVM IOIO intercept (APM 15.10): after the I/O protection check, before any port or memory access.
+
+    EXITINFO1 (APM 15.10.2): port, size, direction, string, REP, address size
+    and the effective segment (OUTS; ES for INS); EXITINFO2 = the next RIP.
+    """
+    svm = x.s.svm
+    if svm is not None and svm.io_intercepted(port, size):
+        info1 = ioio_info(port, size, is_in, string=string, rep=i.rep is not None, address_bits=i.addrsize,
+                          segment=seg)
+        raise VMExit(ExitCode.IOIO, info1, x.next_rip, nrip=x.next_rip)
+
+
 def _port(x: Exec, i: Insn, op_index: int) -> int:
     """The port operand: imm8 (zero-extended, already in ``value``) or DX."""
     op = i.operands[op_index]
@@ -138,6 +153,7 @@ def in_(x: Exec, i: Insn) -> None:
     n = w >> 3
     port = _port(x, i, 1)
     check_io(x, port, n)
+    io_intercept(x, i, port, n, True)
     s = x.s
     s.write_gpr(_RAX, w, x.D.const(w, s.io.read(port, n) & _SIZE_MASK[n]))
 
@@ -149,6 +165,7 @@ def out(x: Exec, i: Insn) -> None:
     n = src.size >> 3
     port = _port(x, i, 0)
     check_io(x, port, n)
+    io_intercept(x, i, port, n, False)
     s = x.s
     s.io.write(port, n, x.D.concrete(s.read_gpr(_RAX, src.size)))
 
@@ -164,6 +181,7 @@ def ins(x: Exec, i: Insn) -> None:
     n = dst.size >> 3
     port = _port(x, i, 1)
     check_io(x, port, n)
+    io_intercept(x, i, port, n, True, string=True, seg=dst.seg)
 
     def element(x: Exec, i: Insn) -> None:
         s, D = x.s, x.D
@@ -184,6 +202,7 @@ def outs(x: Exec, i: Insn) -> None:
     n = src.size >> 3
     port = _port(x, i, 0)
     check_io(x, port, n)
+    io_intercept(x, i, port, n, False, string=True, seg=src.seg)
 
     def element(x: Exec, i: Insn) -> None:
         s, D = x.s, x.D
@@ -196,4 +215,4 @@ def outs(x: Exec, i: Insn) -> None:
     repeat(x, i, element)
 
 
-__all__ = ["TSS32_TYPES", "TSS_IOMAP_BASE", "check_io", "io_bitmap_allows"]
+__all__ = ["TSS32_TYPES", "TSS_IOMAP_BASE", "check_io", "io_bitmap_allows", "io_intercept"]

@@ -1,13 +1,15 @@
-"""Miscellaneous instructions: NOP forms, PAUSE, WAIT, UD2/UD0/UD1, HLT (SDM Vol. 2)."""
+"""Miscellaneous instructions: NOP forms, PAUSE, WAIT, UD2/UD0/UD1, HLT, RSM (SDM Vol. 2)."""
 
 from __future__ import annotations
 
 from spec.decode.insn import Insn
 from spec.isa.context import Exec, Vector
 from spec.isa.registry import instruction
+from spec.svm.exitcodes import ExitCode
+from spec.svm.intercepts import VMExit
 
 
-@instruction("NOP", "PAUSE", "WAIT", "PREFETCH", "PREFETCHNTA", "PREFETCHT0", "PREFETCHT1", "PREFETCHT2",
+@instruction("NOP", "WAIT", "PREFETCH", "PREFETCHNTA", "PREFETCHT0", "PREFETCHT1", "PREFETCHT2",
              ref="SDM Vol. 2B NOP (0F 1F /0 multi-byte form, 0F 18-1F hint space), PAUSE, PREFETCHh")
 def nop(x: Exec, i: Insn) -> None:
     """No architectural effect.  The memory operand of a NOP/PREFETCH is never accessed.
@@ -27,4 +29,21 @@ def hlt(x: Exec, i: Insn) -> None:
     """
     if x.s.cpl:
         raise x.fault(Vector.GP, 0)
+    x.intercept(ExitCode.HLT)  # APM 15.9: after the CPL check
     x.halt()
+
+
+@instruction("PAUSE", ref="SDM Vol. 2B PAUSE; APM Vol. 3 PAUSE; APM Vol. 2 15.14.4 (PAUSE intercept filter)")
+def pause(x: Exec, i: Insn) -> None:
+    """A spin-loop hint: no architectural effect, except the SVM PAUSE intercept and its filter count."""
+    svm = x.s.svm
+    if svm is not None and svm.pause_exits():
+        raise VMExit(ExitCode.PAUSE, nrip=x.next_rip)
+
+
+@instruction("RSM", ref="APM Vol. 3 RSM; SDM Vol. 2B RSM; APM Vol. 2 15.9 (RSM intercept)")
+def rsm(x: Exec, i: Insn) -> None:
+    """Resume from system-management mode: #UD outside SMM.  The model has no SMM, so RSM is always
+    #UD -- after the SVM RSM intercept, which precedes every exception check (APM 15.9)."""
+    x.intercept(ExitCode.RSM)
+    raise x.fault(Vector.UD)

@@ -55,6 +55,8 @@ from spec.isa.context import Exec
 from spec.isa.registry import instruction
 from spec.isa.system import canonical, emit, require_cpl0
 from spec.state import CR0_PG, EFER_LMA, EFER_LME, MachineState
+from spec.svm.exitcodes import MSR_READ, MSR_WRITE, ExitCode
+from spec.svm.intercepts import VMExit
 
 _M32, _M48, _M64 = 0xFFFF_FFFF, (1 << 48) - 1, (1 << 64) - 1
 _RAX, _RCX, _RDX = 0, 1, 2
@@ -156,8 +158,11 @@ def _set_edx_eax(x: Exec, v: int) -> None:
 @instruction("RDMSR", ref="SDM Vol. 2B RDMSR; APM Vol. 3 RDMSR")
 def rdmsr(x: Exec, i: Insn) -> None:
     """EDX:EAX := MSR[ECX].  #GP(0) at CPL > 0 or for an MSR the model does not have."""
-    require_cpl0(x.s)
-    _set_edx_eax(x, read_msr(x.s, _ecx(x)))
+    s = x.s
+    require_cpl0(s)
+    index = _ecx(x)
+    _msr_intercept(x, index, write=False)
+    _set_edx_eax(x, read_msr(s, index))
 
 
 @instruction("WRMSR", ref="SDM Vol. 2B WRMSR; APM Vol. 3 WRMSR")
@@ -165,8 +170,22 @@ def wrmsr(x: Exec, i: Insn) -> None:
     """MSR[ECX] := EDX:EAX.  #GP(0) at CPL > 0, for an unknown MSR, a reserved bit or an invalid value."""
     s, D = x.s, x.D
     require_cpl0(s)
+    index = _ecx(x)
+    _msr_intercept(x, index, write=True)
     v = D.concrete(s.read_gpr(_RDX, 32)) << 32 | D.concrete(s.read_gpr(_RAX, 32))
-    write_msr(s, _ecx(x), v, x.vendor)
+    write_msr(s, index, v, x.vendor)
+    svm = s.svm
+    if svm is not None and index == EFER and svm.intercepts(ExitCode.EFER_WRITE_TRAP):
+        # APM 15.8.1 "EFER write trap": after the write completed, EXITINFO1 = the new EFER.
+        raise VMExit(ExitCode.EFER_WRITE_TRAP, s.efer, nrip=x.next_rip, trap=True)
+
+
+def _msr_intercept(x: Exec, index: int, write: bool) -> None:
+    """SVM MSR_PROT (APM 15.11): after the CPL check, before the MSR index or value is checked.
+    EXITINFO1 = 0 for RDMSR, 1 for WRMSR."""
+    svm = x.s.svm
+    if svm is not None and svm.msr_intercepted(index, write):
+        raise VMExit(ExitCode.MSR, MSR_WRITE if write else MSR_READ, nrip=x.next_rip)
 
 
 def _tsc_allowed(s: MachineState) -> None:
@@ -182,6 +201,7 @@ def rdtsc(x: Exec, i: Insn) -> None:
     if not s.model.has("tsc"):
         raise Fault(Vector.UD)
     _tsc_allowed(s)
+    x.intercept(ExitCode.RDTSC)
     _set_edx_eax(x, tsc(s))
 
 
@@ -192,6 +212,7 @@ def rdtscp(x: Exec, i: Insn) -> None:
     if not s.model.has("rdtscp"):
         raise Fault(Vector.UD)
     _tsc_allowed(s)
+    x.intercept(ExitCode.RDTSCP)
     aux = s.msrs.get(TSC_AUX, 0) & _M32
     _set_edx_eax(x, tsc(s))
     s.write_gpr(_RCX, 32, x.D.const(32, aux))
@@ -204,6 +225,7 @@ def rdpmc(x: Exec, i: Insn) -> None:
     s = x.s
     if s.cpl and not s.cr4 & CR4_PCE:
         raise _gp()
+    x.intercept(ExitCode.RDPMC)  # before the counter index is checked (an operand value, APM 15.9)
     idx = _ecx(x)
     counters = s.model.perf_counters
     if idx >= len(counters):

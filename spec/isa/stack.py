@@ -18,6 +18,7 @@ from spec.isa.context import Exec
 from spec.isa.registry import instruction
 from spec.isa.segments import load_segment
 from spec.state import CR0_PE
+from spec.svm.exitcodes import ExitCode
 
 RBP = 5
 CR4_VME = 1 << 0
@@ -96,6 +97,8 @@ def pushf(x: Exec, i: Insn) -> None:
     image has IF replaced by VIF and IOPL reading 3; otherwise #GP(0).
     """
     s = x.s
+    if s.svm is not None:
+        x.intercept(ExitCode.PUSHF)  # APM 15.9: before the virtual-8086 #GP check
     D = x.D
     size = i.opsize
     image = D.and_(64, s.read_rflags(), D.const(64, _PUSHF_MASK))
@@ -128,6 +131,8 @@ def popf(x: Exec, i: Insn) -> None:
     and IOPL alone.
     """
     s = x.s
+    if s.svm is not None:
+        x.intercept(ExitCode.POPF)  # APM 15.9: before any exception check
     D = x.D
     size = i.opsize
     sysf = s.rflags_sys

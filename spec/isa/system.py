@@ -48,7 +48,9 @@ that invalidate translations.  When ``state.tlb_events`` is a list (it is
 
 Consumers decide which CR0/CR4/EFER bits matter to them (PG, WP, PAE, PGE,
 PSE, SMEP, SMAP, PKE, LA57, PCIDE, NXE, LMA ...).  Events are appended in
-program order and only by instructions that complete.
+program order and only by instructions that complete.  In SVM guest mode
+``state.tlb_events`` is a :class:`spec.tlb.HardwareTLBEvents` sink that applies
+each event to the hardware TLB (:func:`spec.svm.nested.attach_guest_memory`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ from spec.state import (
     MachineState,
     Segment,
 )
+from spec.svm.exitcodes import MOV_CR_VALID, ExitCode
+from spec.svm.intercepts import VMExit
 
 CR0_AM = 1 << 18
 CR0_WRITABLE = CR0_PE | CR0_MP | CR0_EM | CR0_TS | CR0_NE | CR0_WP | CR0_AM | CR0_NW | CR0_CD | CR0_PG
@@ -135,15 +139,17 @@ def emit(s: MachineState, event: tuple) -> None:
 def load_pdptes(s: MachineState, cr3: int) -> list[int]:
     """The four PAE PDPTEs at CR3[31:5] (SDM Vol. 3A 4.4.1), or #GP(0) if a present one has reserved bits set.
 
-    The reads are physical (paging-structure accesses).  The caller stores
-    the result only once the whole instruction is known not to fault.
+    The reads are physical (paging-structure accesses; under nested paging the
+    MMU's ``tables`` view makes them guest page-table accesses, APM 15.25.5).
+    The caller stores the result only once the whole instruction is known not to fault.
     """
     base = cr3 & 0xFFFF_FFE0
     rsv = pdpte_reserved(PagingControl(maxphyaddr=s.model.maxphyaddr))
     D = s.D
+    tables = getattr(s.mem, "tables", s.mem.phys)
     out = []
     for k in range(4):
-        e = D.concrete(s.mem.phys.read(base + 8 * k, 8))
+        e = D.concrete(tables.read(base + 8 * k, 8))
         if e & 1 and e & rsv:
             raise _gp()
         out.append(e)
@@ -169,15 +175,48 @@ def mov_control(x: Exec, i: Insn) -> None:
     require_cpl0(s)
     D = x.D
     if dst.kind == CR:
-        write_cr(x, dst.reg, D.concrete(x.read(src)))
+        v = D.concrete(x.read(src))
+        if s.svm is not None:
+            _cr_write_intercept(x, dst.reg, src.reg, v)
+        write_cr(x, dst.reg, v)
+        if s.svm is not None:
+            _cr_write_trap(x, dst.reg)
     elif src.kind == CR:
+        # SVM: CRn read intercept, decode assist bit 63 + GPR (APM 15.8.1, 15.33.1).
+        x.intercept(ExitCode.CR0_READ + src.reg, MOV_CR_VALID | dst.reg)
         x.write(dst, D.const(dst.size, read_cr(s, src.reg) & (_M64 if dst.size == 64 else _M32)))
     elif dst.kind == DR:
         n = _dr_index(s, dst.reg)
+        x.intercept(ExitCode.DR0_WRITE + dst.reg, MOV_CR_VALID | src.reg)  # APM 15.8.2, 15.33.1
         write_dr(x, n, D.concrete(x.read(src)))
     else:
         n = _dr_index(s, src.reg)
+        x.intercept(ExitCode.DR0_READ + src.reg, MOV_CR_VALID | dst.reg)
         x.write(dst, D.const(dst.size, s.dr[n] & (_M64 if dst.size == 64 else _M32)))
+
+
+_CR0_SELECTIVE_FREE = CR0_TS | CR0_MP
+
+
+def _cr_write_intercept(x: Exec, n: int, gpr: int, v: int) -> None:
+    """SVM write intercepts of MOV to CRn (APM 15.8.1), before the value is checked (APM 15.9).
+
+    CRn write intercept first; for CR0 without it, the selective CR0 write
+    intercept fires when the write would change any bit other than TS and MP.
+    EXITINFO1 = bit 63 (MOV) | GPR number (decode assist, APM 15.33.1).
+    """
+    x.intercept(ExitCode.CR0_WRITE + n, MOV_CR_VALID | gpr)
+    if n == 0 and (x.s.cr0 ^ v) & ~_CR0_SELECTIVE_FREE:
+        x.intercept(ExitCode.CR0_SEL_WRITE, MOV_CR_VALID | gpr)
+
+
+def _cr_write_trap(x: Exec, n: int) -> None:
+    """CRn write *trap* (APM 15.8.1, exit codes 90h-9Fh): after the write completed; EXITINFO1 = the new value."""
+    svm = x.s.svm
+    assert svm is not None
+    code = ExitCode.CR0_WRITE_TRAP + n
+    if svm.intercepts(code):
+        raise VMExit(code, read_cr(x.s, n), nrip=x.next_rip, trap=True)
 
 
 def read_cr(s: MachineState, n: int) -> int:
@@ -189,6 +228,9 @@ def read_cr(s: MachineState, n: int) -> int:
         return s.cr3
     if n == 4:
         return s.cr4
+    svm = s.svm
+    if svm is not None and svm.v_intr_masking:
+        return svm.v_tpr  # APM 15.21.1: with V_INTR_MASKING, CR8 accesses go to V_TPR
     return s.cr8  # the decoder leaves only 0, 2, 3, 4, 8
 
 
@@ -205,7 +247,11 @@ def write_cr(x: Exec, n: int, v: int) -> None:
         # CR8 = TPR[7:4] (SDM Vol. 3A 10.8.6.1; APM Vol. 2 16.6.3): bits 63:4 reserved.
         if v & ~0xF:
             raise _gp()
-        x.s.cr8 = v
+        svm = x.s.svm
+        if svm is not None and svm.v_intr_masking:
+            svm.v_tpr = v  # APM 15.21.1: the guest's TPR is the virtual one
+        else:
+            x.s.cr8 = v
 
 
 def write_cr0(x: Exec, v: int) -> None:
@@ -360,6 +406,7 @@ def _load_table_register(x: Exec, i: Insn, idt: bool) -> None:
     """
     s = x.s
     require_cpl0(s)
+    x.intercept(ExitCode.IDTR_WRITE if idt else ExitCode.GDTR_WRITE)  # APM 15.9, before the operand read
     op = i.operands[0]
     raw = x.D.concrete(x.read(op))
     limit = raw & _M16
@@ -382,6 +429,7 @@ def _store_table_register(x: Exec, i: Insn, idt: bool) -> None:
     """
     s = x.s
     _umip(s)
+    x.intercept(ExitCode.IDTR_READ if idt else ExitCode.GDTR_READ)
     op = i.operands[0]
     reg = s.idtr if idt else s.gdtr
     base = reg.base if op.size == 80 else reg.base & _M32
@@ -454,6 +502,7 @@ def lldt(x: Exec, i: Insn) -> None:
     s = x.s
     require_protected(s)
     require_cpl0(s)
+    x.intercept(ExitCode.LDTR_WRITE)
     sel = x.D.concrete(x.read(i.operands[0])) & _M16
     if not sel & 0xFFFC:
         ldtr = s.ldtr.copy()
@@ -484,6 +533,7 @@ def ltr(x: Exec, i: Insn) -> None:
     s = x.s
     require_protected(s)
     require_cpl0(s)
+    x.intercept(ExitCode.TR_WRITE)
     sel = x.D.concrete(x.read(i.operands[0])) & _M16
     if not sel & 0xFFFC:
         raise _gp()
@@ -504,12 +554,13 @@ def ltr(x: Exec, i: Insn) -> None:
     s.tr = cache
 
 
-def _store_selector(x: Exec, i: Insn, seg: Segment) -> None:
+def _store_selector(x: Exec, i: Insn, seg: Segment, exitcode: int) -> None:
     """SLDT/STR: a register destination gets the selector zero-extended to the operand size, a
     memory destination 16 bits (SDM Vol. 2B SLDT, STR)."""
     s = x.s
     require_protected(s)
     _umip(s)
+    x.intercept(exitcode)
     dst = i.operands[0]
     x.write(dst, x.D.const(dst.size, seg.selector & _M16))
 
@@ -517,13 +568,13 @@ def _store_selector(x: Exec, i: Insn, seg: Segment) -> None:
 @instruction("SLDT", ref="SDM Vol. 2B SLDT; APM Vol. 3 SLDT")
 def sldt(x: Exec, i: Insn) -> None:
     """Store the LDTR selector."""
-    _store_selector(x, i, x.s.ldtr)
+    _store_selector(x, i, x.s.ldtr, ExitCode.LDTR_READ)
 
 
 @instruction("STR", ref="SDM Vol. 2B STR; APM Vol. 3 STR")
 def str_(x: Exec, i: Insn) -> None:
     """Store the TR selector."""
-    _store_selector(x, i, x.s.tr)
+    _store_selector(x, i, x.s.tr, ExitCode.TR_READ)
 
 
 # -- machine status word, CLTS -----------------------------------------------------------------------
@@ -533,9 +584,12 @@ def lmsw(x: Exec, i: Insn) -> None:
     """Load CR0 bits 3:0 (PE, MP, EM, TS) from the 16-bit source; PE can be set but not cleared."""
     s = x.s
     require_cpl0(s)
+    x.intercept(ExitCode.CR0_WRITE)  # APM 15.8.1: LMSW is a CR0 write; no decode assist (bit 63 = 0)
     src = x.D.concrete(x.read(i.operands[0]))
     old = s.cr0
     new = (old & ~0xE) | (src & 0xF)  # bit 0 of the old value survives: PE can only be set
+    if (old ^ new) & ~_CR0_SELECTIVE_FREE:
+        x.intercept(ExitCode.CR0_SEL_WRITE)  # PE or EM would change
     if new != old:
         s.cr0 = new
         emit(s, ("cr0", old, new))
@@ -548,6 +602,7 @@ def smsw(x: Exec, i: Insn) -> None:
     stores CR0[31:16] there, the rule the SDM gives for 64-bit mode."""
     s = x.s
     _umip(s)
+    x.intercept(ExitCode.CR0_READ)  # APM 15.8.1: SMSW reads CR0; no decode assist
     dst = i.operands[0]
     w = dst.size
     x.write(dst, x.D.const(w, s.cr0 & ((1 << w) - 1)))
@@ -558,6 +613,7 @@ def clts(x: Exec, i: Insn) -> None:
     """Clear CR0.TS (SDM Vol. 3A 2.5)."""
     s = x.s
     require_cpl0(s)
+    x.intercept(ExitCode.CR0_WRITE)  # CLTS writes CR0 (TS only: never a selective write)
     old = s.cr0
     if old & CR0_TS:
         s.cr0 = old & ~CR0_TS
@@ -578,6 +634,7 @@ def invlpg(x: Exec, i: Insn) -> None:
     require_cpl0(s)
     op = i.operands[0]
     lin = x.D.concrete(x.linear(op.seg, x.ea(op)))
+    x.intercept(ExitCode.INVLPG, lin)  # APM 15.33.2: EXITINFO1 = the linear address
     if s.code_bits == 64 and not canonical(s, lin):
         return
     emit(s, ("invlpg", lin))
@@ -590,6 +647,7 @@ def invd(x: Exec, i: Insn) -> None:
     remains.  F3 0F 09 (WBNOINVD) is WBINVD with an ignored prefix on a processor without it, which
     is the same here."""
     require_cpl0(x.s)
+    x.intercept(ExitCode.INVD if i.row.mnemonic == "INVD" else ExitCode.WBINVD)  # WBNOINVD: the WBINVD intercept
 
 
 # -- descriptor probes: LAR, LSL, VERR, VERW (SDM Vol. 2A LAR, LSL; Vol. 2B VERR/VERW) ------------------
