@@ -68,15 +68,47 @@ INVLPGA linear, asid                 that page's entries of that ASID (global on
 Entries of another ASID are never used (global ones included): a guest's
 translations are never visible to the host or to another guest (APM 15.16.1).
 Switching ASID (VMRUN, #VMEXIT) invalidates nothing.
+
+Nested paging (APM 15.25): a guest TLB and a nested TLB
+-------------------------------------------------------
+With nested paging a guest access is translated twice: guest-linear ->
+guest-physical by the guest's tables (themselves read through the nested
+tables), then guest-physical -> host-physical by the nested tables.  A
+processor may cache the composition (APM 15.25.9 lets the TLB hold guest-linear
+-> system-physical translations); this model keeps the two halves apart, which
+caches no more than the composition would:
+
+* guest entries (guest-linear -> guest-physical) are the ordinary entries above,
+  tagged with the guest's ASID, and invalidated by the guest's own MOV CR3,
+  INVLPG, CR0/CR4/EFER changes exactly as in the table;
+* nested entries (guest-physical -> host-physical) live in :attr:`ModelTLB.nested`,
+  a second cache with the same rules applied to the nested walk (user-level
+  accesses, the dirty rule, no caching of faults), tagged with the same ASID and
+  never global.  Nothing the guest does invalidates them (they do not depend on
+  guest state); TLB_CONTROL 1/3/7 drops them with the guest entries.  INVLPGA
+  names a guest-linear page and drops that page's guest entries only.
+
+So a VMM that edits nested tables must flush the ASID with TLB_CONTROL before the
+next VMRUN (what APM 15.16.1 requires of it); if it forgets, the guest keeps using
+the old host frames -- a visible bug, which is the point of modelling the TLB.
+
+Wiring (SVM guest mode): :class:`spec.mmu.GuestMMU` translates through
+:meth:`ModelTLB.translate`; the guest's instructions report MOV CR3, INVLPG and
+CR0/CR4/EFER writes in ``state.tlb_events`` (:mod:`spec.isa.system`), which is then a
+:class:`HardwareTLBEvents` sink applying each one with :func:`apply_event`.  The
+re-check of a cached entry's rights (:func:`permits`) is the walker's own rule,
+memoized on exactly the inputs it reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from spec.domain.base import Domain
 from spec.domain.concrete import CONCRETE
+from spec.memory import AccessKind
 from spec.paging import (
     ACCESSED,
     CR0_WP,
@@ -91,12 +123,14 @@ from spec.paging import (
     EFER_NXE,
     LEVEL4,
     LEVEL5,
+    PAE,
     Access,
     PagingControl,
     PagingMode,
     PhysAccess,
     Walk,
     _denied,
+    paging_mode,
     walk,
 )
 
@@ -169,7 +203,22 @@ def permits(e: TLBEntry, acc: Access, ctl: PagingControl) -> bool:
     current CPL, CR0.WP, SMEP, SMAP, RFLAGS.AC and PKRU -- and, for a write, a known-dirty page (4.8)."""
     if acc.write and not e.dirty:
         return False
-    deny, pk = _denied(CONCRETE, e.mode, ctl, acc, e.pkey << 59, e.user, e.writable, not e.executable)
+    return _rights_allow(e.mode.pk_capable, e.user, e.writable, e.executable, e.pkey, acc.kind, acc.cpl,
+                         acc.implicit, ctl.cr0 & CR0_WP, ctl.cr4 & _RIGHTS_CR4, ctl.ac, ctl.pkru)
+
+
+_RIGHTS_CR4 = CR4_SMEP | CR4_SMAP | CR4_PKE  # the CR4 bits the access rules read (besides CR0.WP, AC, PKRU)
+
+
+@lru_cache(maxsize=4096)
+def _rights_allow(pk_capable: bool, user: bool, writable: bool, executable: bool, pkey: int, kind: int, cpl: int,
+                  implicit: bool, wp: int, cr4: int, ac: bool, pkru: int) -> bool:
+    """The walker's own rule (:func:`spec.paging._denied`) on cached rights, memoized: a pure function of exactly
+    these arguments (of the paging mode it reads only ``pk_capable``; of the control state, the bits passed)."""
+    ctl = PagingControl(cr0=wp, cr4=cr4, ac=ac, pkru=pkru)
+    mode = LEVEL4 if pk_capable else PAE
+    deny, pk = _denied(CONCRETE, mode, ctl, Access(AccessKind(kind), cpl, implicit), pkey << 59, user, writable,
+                       not executable)
     return not (deny or pk)
 
 
@@ -216,6 +265,15 @@ class ModelTLB:
         self.asid = asid
         self.entries: dict[tuple[int, int, int, int], TLBEntry] = {}  # (asid, pcid or GLOBAL, shift, vpn)
         self.psc: dict[tuple[int, int, int, int], tuple[int, ...]] = {}  # (asid, pcid, level, prefix) -> path
+        self._nested: ModelTLB | None = None
+
+    @property
+    def nested(self) -> ModelTLB:
+        """The nested TLB: guest-physical -> host-physical translations of nested walks (APM 15.25), same ASID."""
+        n = self._nested
+        if n is None:
+            n = self._nested = ModelTLB(self.asid)
+        return n
 
     # -- use -----------------------------------------------------------------------
     def lookup(self, linear: int, acc: Access, ctl: PagingControl, mode: PagingMode | None = None) -> TLBEntry | None:
@@ -291,9 +349,11 @@ class ModelTLB:
             del self.psc[key]
 
     def flush_all(self) -> None:
-        """Everything, every ASID (SVM TLB_CONTROL=1; also what a processor may always do)."""
+        """Everything, every ASID, nested translations included (SVM TLB_CONTROL=1; always allowed)."""
         self.entries.clear()
         self.psc.clear()
+        if self._nested is not None:
+            self._nested.flush_all()
 
     def _flush_asid(self) -> None:
         self.drop(asid=self.asid)
@@ -355,6 +415,8 @@ class ModelTLB:
     def switch_asid(self, asid: int) -> None:
         """VMRUN / #VMEXIT: run with another ASID; nothing is invalidated (APM 15.16)."""
         self.asid = asid
+        if self._nested is not None:
+            self._nested.asid = asid
 
     def tlb_control(self, code: int, asid: int) -> None:
         """The VMCB TLB_CONTROL field at VMRUN (APM 15.16.1): 0 nothing, 1 all, 3 the ASID, 7 its non-global."""
@@ -362,16 +424,63 @@ class ModelTLB:
             return
         if code == TLB_CONTROL_ALL:
             self.flush_all()
-        elif code == TLB_CONTROL_ASID:
-            self.drop(asid=asid)
-            self.drop_structure_caches(asid=asid)
-        elif code == TLB_CONTROL_ASID_NONGLOBAL:
-            self.drop(asid=asid, include_global=False)
-            self.drop_structure_caches(asid=asid)
-        else:
+            return
+        if code not in (TLB_CONTROL_ASID, TLB_CONTROL_ASID_NONGLOBAL):
             raise ValueError(f"reserved TLB_CONTROL value {code}")
+        self.drop(asid=asid, include_global=code == TLB_CONTROL_ASID)
+        self.drop_structure_caches(asid=asid)
+        if self._nested is not None:  # nested translations of the ASID (never global) go too
+            self._nested.drop(asid=asid)
+            self._nested.drop_structure_caches(asid=asid)
 
     def invlpga(self, linear: int, asid: int) -> None:
-        """INVLPGA: the page's entries (global ones included) of one ASID, and its structure caches."""
+        """INVLPGA: the page's entries (global ones included) of one ASID, and its structure caches.
+
+        ``linear`` is a guest-linear address: nested (guest-physical) translations are not touched."""
         self.drop(asid=asid, linear=linear)
         self.drop_structure_caches(asid=asid)
+
+
+# -- the CPU's TLB events (spec/isa/system.py) applied to a hardware TLB ----------------------------
+
+def apply_event(tlb: ModelTLB, event: tuple, ctl: PagingControl, mode: PagingMode | None) -> None:
+    """Apply one event of ``state.tlb_events`` (see :mod:`spec.isa.system`) to ``tlb``.
+
+    ``ctl``/``mode`` are the paging control after the instruction (MOV CR3 needs
+    CR4.PCIDE, INVLPG the current PCID).  ``cr3_keep`` (PCIDE with bit 63 set)
+    invalidates nothing (SDM Vol. 3A 4.10.4.1).
+    """
+    kind = event[0]
+    if kind == "cr3":
+        tlb.mov_cr3(event[1], ctl)
+    elif kind == "invlpg":
+        tlb.invlpg(event[1], ctl, mode)
+    elif kind == "cr0":
+        tlb.mov_cr0(event[1], event[2])
+    elif kind == "cr4":
+        tlb.mov_cr4(event[1], event[2])
+    elif kind == "efer":
+        tlb.write_efer(event[1], event[2])
+    elif kind != "cr3_keep":
+        raise ValueError(f"unknown TLB event {event!r}")
+
+
+class HardwareTLBEvents:
+    """A ``state.tlb_events`` sink: every event the guest's instructions emit is applied to the hardware TLB.
+
+    Installed by :func:`spec.svm.nested.attach_guest_memory` while a guest runs
+    with a :class:`ModelTLB`: guest MOV CR3, INVLPG and CR0/CR4/EFER writes that
+    execute in hardware (not intercepted) invalidate the guest's entries of the
+    current ASID as the rules above say.  Events are not kept; ``forward`` (a
+    list that was recording before) still receives them.
+    """
+
+    def __init__(self, state: Any, tlb: ModelTLB, forward: list[tuple] | None = None) -> None:
+        self.state, self.tlb, self.forward = state, tlb, forward
+
+    def append(self, event: tuple) -> None:
+        s = self.state
+        ctl = PagingControl(cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer, maxphyaddr=s.model.maxphyaddr)
+        apply_event(self.tlb, event, ctl, paging_mode(s.cr0, s.cr4, s.efer))
+        if self.forward is not None:
+            self.forward.append(event)
