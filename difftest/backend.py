@@ -124,4 +124,6 @@ class SpecBackend:
         ev = SpecCPU(st, deliver_exceptions=self.deliver_exceptions).run(budget)
         kind: StopKind = "exception" if ev.kind == "fault" else ev.kind  # type: ignore[assignment]
         stop = Stop(kind=kind, rip=ev.rip, vector=ev.vector, error_code=ev.error_code, cr2=ev.cr2, detail=ev.detail)
-        return Outcome(backend=self.name, stop=stop, final=Snapshot.from_state(st), executed_by="spec")
+        # like=snap: pages the run did not change stay the input's page objects (cheap to compare).
+        return Outcome.model_construct(backend=self.name, stop=stop, final=Snapshot.from_state(st, like=snap),
+                                       executed_by="spec")

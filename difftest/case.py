@@ -128,6 +128,8 @@ class Case(Model):
     def instructions(self) -> list[bytes]:
         """The generated instructions' bytes (the terminating HLT excluded)."""
         raw = self.code_bytes
+        if not self.insn_offsets:
+            return []
         ends = [*self.insn_offsets[1:], self._body_end()]
         return [raw[a:b] for a, b in zip(self.insn_offsets, ends, strict=True)]
 
@@ -137,11 +139,16 @@ class Case(Model):
 
     # -- derivations -------------------------------------------------------------
     def with_instructions(self, insns: list[bytes], *, name: str | None = None) -> Case:
-        """This case with its code replaced by ``insns`` + HLT (the old code bytes beyond are zeroed)."""
+        """This case with its code replaced by ``insns`` + HLT.
+
+        The old code bytes beyond are overwritten with HLT too, so a forward jump
+        of a kept instruction that now points past the end still lands on a HLT
+        rather than on zero bytes (which would run as ADD instructions).
+        """
         body = b"".join(insns)
         code = body + HLT
         old_len = len(self.code_bytes)
-        fill = code + bytes(max(0, old_len - len(code)))
+        fill = code + HLT * max(0, old_len - len(code))
         snap = self.snapshot.model_copy(deep=True)
         snap.pages = _write_phys(snap.pages, self.code_physical, fill)
         offsets, pos = [], 0

@@ -17,6 +17,16 @@ in RFLAGS bit order without repeats.
 :class:`spec.state.MachineState`; the round trip is exact (property-tested).
 The status flags currently undefined are part of the snapshot, so a
 comparison can mask them.
+
+Fast paths (differential-testing campaigns convert hundreds of snapshots a
+second): files and user documents are always validated, but conversions from
+data that is canonical by construction skip re-validation --
+:meth:`Snapshot.from_state` and :meth:`PageModel.from_bytes` build models with
+:func:`trusted` and produce exactly what validation would (property-tested);
+``from_state(st, like=snap)`` reuses ``snap``'s page objects for pages whose
+bytes did not change; :meth:`PageModel.to_bytes` keeps a bounded cache of
+decoded pages, keyed by the page's hex text, so pages shared between snapshots
+(templates, unchanged pages) are decoded once.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 import json
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator
 
@@ -33,6 +43,7 @@ from spec.memory import PAGE, PhysicalMemory
 from spec.state import MachineState, Segment, TableRegister
 
 M64 = (1 << 64) - 1
+_M = TypeVar("_M", bound=BaseModel)
 RFLAGS_RESERVED = (1 << 3) | (1 << 5) | (1 << 15) | (M64 ^ ((1 << 22) - 1))
 
 
@@ -73,6 +84,25 @@ U16 = _hex_int(16)
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+_set = object.__setattr__
+
+
+def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
+    """An instance of ``cls`` holding ``values`` -- every field, already canonical -- without validation.
+
+    What ``model_construct`` does, minus its per-field bookkeeping (which costs
+    more than validating a small model): the internal fast path of conversions
+    whose output is canonical by construction.  Property-tested to equal the
+    validated model.
+    """
+    m = cls.__new__(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(values))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
 
 
 class SegmentModel(Model):
@@ -117,7 +147,23 @@ class PageModel(Model):
         return bytes.fromhex(v).rstrip(b"\0").hex()
 
     def to_bytes(self) -> bytes:
-        return bytes.fromhex(self.data).ljust(PAGE, b"\0")
+        """The page's 4096 bytes (decoded once per distinct page text; see the module docstring)."""
+        raw = _PAGE_BYTES.get(self.data)
+        if raw is None:
+            raw = bytes.fromhex(self.data).ljust(PAGE, b"\0")
+            if len(_PAGE_BYTES) >= _PAGE_CACHE_SIZE:
+                _PAGE_BYTES.clear()
+            _PAGE_BYTES[self.data] = raw
+        return raw
+
+    @classmethod
+    def from_bytes(cls, address: int, raw: bytes | bytearray) -> PageModel:
+        """The page at ``address`` (4 KiB aligned, trusted) holding ``raw``, built without re-validation."""
+        return trusted(cls, {"address": address, "data": bytes(raw).rstrip(b"\0").hex()})
+
+
+_PAGE_CACHE_SIZE = 1024  # decoded pages kept (4 KiB each, plus the key text)
+_PAGE_BYTES: dict[str, bytes] = {}
 
 
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -230,13 +276,31 @@ class Snapshot(Model):
                 raise ValueError(f"page {p.address:#x} is given twice")
         return pages
 
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Snapshot:
+        """A deep copy (``model_copy(deep=True)``, ``copy.deepcopy``), built directly.
+
+        Every leaf of a snapshot is an immutable int, str or bool, so copying the
+        containers -- each sub-model, list and dict -- is a complete deep copy;
+        this skips the generic per-object ``deepcopy`` machinery (the fast path
+        of bisection and minimization, which copy a snapshot per candidate).
+        """
+        d = self.__dict__
+        values = dict(d)
+        values.update(regs=_clone(d["regs"]), control=_clone(d["control"]), gdtr=_clone(d["gdtr"]),
+                      idtr=_clone(d["idtr"]), msrs=dict(d["msrs"]), dr=list(d["dr"]), pdptes=list(d["pdptes"]),
+                      undefined_flags=list(d["undefined_flags"]), pages=[_clone(p) for p in d["pages"]])
+        segs = _clone(d["segments"])
+        segs.__dict__.update({k: _clone(v) for k, v in segs.__dict__.items()})
+        values["segments"] = segs
+        return _clone(self, values)
+
     # -- conversion ------------------------------------------------------------------
     def to_state(self) -> MachineState:
         phys = PhysicalMemory()
         for p in self.pages:
             if p.address % PAGE:
                 raise ValueError(f"page address {p.address:#x} is not 4 KiB aligned")
-            phys.map_page(p.address, bytes.fromhex(p.data))
+            phys.pages[p.address // PAGE] = bytearray(p.to_bytes())
         st = MachineState.concrete(phys)
         for i, name in enumerate(GPR_NAMES):
             st.gpr[i] = getattr(self.regs, name)
@@ -245,10 +309,10 @@ class Snapshot(Model):
         st.undefined = 0
         for name in self.undefined_flags:
             st.undefined |= 1 << F.BY_NAME[name]
-        for i, name in enumerate(SEG_FIELDS):
-            st.seg[i] = Segment(**getattr(self.segments, name).model_dump())
-        st.ldtr = Segment(**self.segments.ldtr.model_dump())
-        st.tr = Segment(**self.segments.tr.model_dump())
+        segs = self.segments
+        st.seg = [_segment(getattr(segs, name)) for name in SEG_FIELDS]
+        st.ldtr = _segment(segs.ldtr)
+        st.tr = _segment(segs.tr)
         c = self.control
         st.cr0, st.cr2, st.cr3, st.cr4, st.cr8 = c.cr0, c.cr2, c.cr3, c.cr4, c.cr8
         st.efer = self.efer
@@ -265,39 +329,53 @@ class Snapshot(Model):
         return st
 
     @classmethod
-    def from_state(cls, st: MachineState) -> Snapshot:
+    def from_state(cls, st: MachineState, *, like: Snapshot | None = None) -> Snapshot:
+        """The snapshot of concrete state ``st`` (canonical by construction, so built without re-validation).
+
+        With ``like``, pages whose bytes equal ``like``'s page at the same
+        address are taken over as they are (the same :class:`PageModel` objects).
+        """
         D = st.D
-        regs = {name: D.concrete(st.gpr[i]) for i, name in enumerate(GPR_NAMES)}
-        regs["rip"] = st.rip
-        regs["rflags"] = D.concrete(st.read_rflags())
-
-        def seg(s: Segment) -> SegmentModel:
-            return SegmentModel(selector=s.selector, base=s.base, limit=s.limit, type=s.type, s=s.s, dpl=s.dpl,
-                                p=s.p, avl=s.avl, l=s.l, db=s.db, g=s.g, unusable=s.unusable)
-
-        segs = {name: seg(st.seg[i]) for i, name in enumerate(SEG_FIELDS)}
+        concrete = D.concrete
+        gpr = st.gpr
+        values = {name: concrete(v) for name, v in zip(GPR_NAMES, gpr, strict=True)}
+        values["rip"] = st.rip
+        values["rflags"] = concrete(st.read_rflags())
+        regs = trusted(Registers, values)
+        seg = _segment_model
+        es, cs, ss, ds, fs, gs = st.seg
+        segments = trusted(Segments, {"es": seg(es), "cs": seg(cs), "ss": seg(ss), "ds": seg(ds), "fs": seg(fs),
+                                      "gs": seg(gs), "ldtr": seg(st.ldtr), "tr": seg(st.tr)})
+        old = {p.address: p for p in like.pages} if like is not None else {}
         pages = []
-        for idx in sorted(st.mem.phys.pages):
-            data = bytes(st.mem.phys.pages[idx]).rstrip(b"\0")
-            pages.append(PageModel(address=idx * PAGE, data=data.hex()))
-        return cls(
-            regs=Registers(**regs),
-            segments=Segments(**segs, ldtr=seg(st.ldtr), tr=seg(st.tr)),
-            control=ControlRegisters(cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, cr8=st.cr8),
-            efer=st.efer,
-            msrs={f"{k:#x}": v for k, v in sorted(st.msrs.items())},
-            dr=list(st.dr),
-            gdtr=TableRegisterModel(base=st.gdtr.base, limit=st.gdtr.limit),
-            idtr=TableRegisterModel(base=st.idtr.base, limit=st.idtr.limit),
-            undefined_flags=[F.NAMES[f] for f in F.STATUS if st.undefined >> f & 1],
-            halted=st.halted,
-            pdptes=list(st.pdptes),
-            pkru=st.pkru,
-            a20=st.a20,
-            interrupt_shadow=st.interrupt_shadow,
-            nmi_blocked=st.nmi_blocked,
-            pages=pages,
-        )
+        phys_pages = st.mem.phys.pages
+        for idx in sorted(phys_pages):
+            raw = phys_pages[idx]
+            address = idx * PAGE
+            prev = old.get(address)
+            if prev is not None and raw == prev.to_bytes():
+                pages.append(prev)
+            else:
+                pages.append(PageModel.from_bytes(address, raw))
+        return trusted(cls, {
+            "regs": regs,
+            "segments": segments,
+            "control": trusted(ControlRegisters, {"cr0": st.cr0, "cr2": st.cr2, "cr3": st.cr3, "cr4": st.cr4,
+                                                  "cr8": st.cr8}),
+            "efer": st.efer,
+            "msrs": {f"{k:#x}": v for k, v in sorted(st.msrs.items())},
+            "dr": list(st.dr),
+            "gdtr": trusted(TableRegisterModel, {"base": st.gdtr.base, "limit": st.gdtr.limit}),
+            "idtr": trusted(TableRegisterModel, {"base": st.idtr.base, "limit": st.idtr.limit}),
+            "pdptes": list(st.pdptes),
+            "pkru": st.pkru,
+            "a20": st.a20,
+            "interrupt_shadow": st.interrupt_shadow,
+            "nmi_blocked": st.nmi_blocked,
+            "undefined_flags": [F.NAMES[f] for f in F.STATUS if st.undefined >> f & 1],
+            "halted": st.halted,
+            "pages": pages,
+        })
 
     # -- files -----------------------------------------------------------------------
     def to_json(self) -> str:
@@ -306,6 +384,27 @@ class Snapshot(Model):
     @classmethod
     def load(cls, path: str | Path) -> Snapshot:
         return cls.model_validate_json(Path(path).read_text())
+
+
+def _clone(m: _M, values: dict[str, Any] | None = None) -> _M:
+    """A copy of model ``m`` (its fields set kept) holding ``values`` (default: a copy of its own)."""
+    c = type(m).__new__(type(m))
+    _set(c, "__dict__", dict(m.__dict__) if values is None else values)
+    _set(c, "__pydantic_fields_set__", set(m.__pydantic_fields_set__))
+    _set(c, "__pydantic_extra__", None)
+    _set(c, "__pydantic_private__", None)
+    return c
+
+
+def _segment(m: SegmentModel) -> Segment:
+    return Segment(selector=m.selector, base=m.base, limit=m.limit, type=m.type, s=m.s, dpl=m.dpl, p=m.p, avl=m.avl,
+                   l=m.l, db=m.db, g=m.g, unusable=m.unusable)
+
+
+def _segment_model(s: Segment) -> SegmentModel:
+    return trusted(SegmentModel, {"selector": s.selector, "base": s.base, "limit": s.limit, "type": s.type, "s": s.s,
+                                  "dpl": s.dpl, "p": s.p, "avl": s.avl, "l": s.l, "db": s.db, "g": s.g,
+                                  "unusable": s.unusable})
 
 
 def json_schema() -> str:

@@ -72,7 +72,7 @@ from difftest.backend import Capabilities, Outcome, Stop, describe
 from spec.faults import HAS_ERROR_CODE
 from spec.machine import HANDLER_STRIDE, HANDLERS
 from spec.memory import PAGE
-from spec.snapshot import GPR_NAMES, PageModel, Registers, SegmentModel, Snapshot, TableRegisterModel
+from spec.snapshot import GPR_NAMES, PageModel, Registers, SegmentModel, Snapshot, TableRegisterModel, trusted
 
 # -- ioctl numbers (<asm-generic/ioctl.h>, <linux/kvm.h>) ---------------------------------------------
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -162,8 +162,10 @@ def _pack_segment(s: SegmentModel) -> bytes:
 
 def _unpack_segment(buf: bytes | bytearray, off: int) -> SegmentModel:
     base, limit, sel, typ, p, dpl, db, s, lng, g, avl, unusable, _ = SEGMENT.unpack_from(buf, off)
-    return SegmentModel(selector=sel, base=base, limit=limit, type=typ & 15, s=s & 1, dpl=dpl & 3, p=p & 1,
-                        avl=avl & 1, l=lng & 1, db=db & 1, g=g & 1, unusable=bool(unusable))
+    # every field is in range by construction (struct widths, masks): no re-validation needed
+    return trusted(SegmentModel, {"selector": sel, "base": base, "limit": limit, "type": typ & 15, "s": s & 1,
+                                  "dpl": dpl & 3, "p": p & 1, "avl": avl & 1, "l": lng & 1, "db": db & 1,
+                                  "g": g & 1, "unusable": bool(unusable)})
 
 
 def _runs(addresses: list[int]) -> list[tuple[int, int]]:
@@ -498,7 +500,7 @@ class KvmBackend:
         fcntl.ioctl(self._vcpu, KVM_GET_REGS, regs, True)
         vals = REGS.unpack(regs)
         gprs = dict(zip(KVM_GPR_ORDER, vals[:16], strict=True))
-        new_regs = Registers(**{n: gprs[n] for n in GPR_NAMES}, rip=vals[16], rflags=vals[17])
+        new_regs = trusted(Registers, {**{n: gprs[n] for n in GPR_NAMES}, "rip": vals[16], "rflags": vals[17]})
         sregs = bytearray(SREGS_SIZE)
         fcntl.ioctl(self._vcpu, KVM_GET_SREGS, sregs, True)
         segs = {n: _unpack_segment(sregs, k * SEGMENT.size) for k, n in enumerate(SEG_ORDER)}
@@ -508,16 +510,19 @@ class KvmBackend:
         cr0, cr2, cr3, cr4, cr8, efer, _ = SREGS_TAIL.unpack_from(sregs, off + 2 * DTABLE.size)
         mem = self._mem
         assert mem is not None
-        # model_construct: the data is canonical already (lower-case hex, no trailing zero bytes)
-        pages = [PageModel.model_construct(address=a, data=mem[a:a + PAGE].rstrip(b"\0").hex())
-                 for a in (p.address for p in snap.pages)]
+        # Unchanged pages stay the input's page objects; changed ones are canonical by construction.
+        pages = []
+        for p in snap.pages:
+            a = p.address
+            raw = mem[a:a + PAGE]
+            pages.append(p if raw == p.to_bytes() else PageModel.from_bytes(a, raw))
         return snap.model_copy(update={
             "regs": new_regs,
-            "segments": snap.segments.model_copy(update=segs),
-            "control": snap.control.model_copy(update={"cr0": cr0, "cr2": cr2, "cr3": cr3, "cr4": cr4, "cr8": cr8}),
+            "segments": trusted(type(snap.segments), segs),
+            "control": trusted(type(snap.control), {"cr0": cr0, "cr2": cr2, "cr3": cr3, "cr4": cr4, "cr8": cr8}),
             "efer": efer,
-            "gdtr": TableRegisterModel(base=gbase, limit=glimit),
-            "idtr": TableRegisterModel(base=ibase, limit=ilimit),
+            "gdtr": trusted(TableRegisterModel, {"base": gbase, "limit": glimit}),
+            "idtr": trusted(TableRegisterModel, {"base": ibase, "limit": ilimit}),
             "halted": halted,
             "pages": pages,
         })
