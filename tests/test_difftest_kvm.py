@@ -267,3 +267,27 @@ def test_reused_backend_matches_fresh_ones() -> None:
             d.kind, d.vector, d.error_code, d.rip, d.cr2)
     kinds = {(r.stop.kind, r.stop.vector) for r in reused}
     assert ("exception", 14) in kinds and ("exception", 13) in kinds  # both PDPT[1] variants were seen
+
+
+@pytest.mark.parametrize("label", ["prot32/32-bit/4K/cpl0", "prot32/PAE/4K/cpl3", "prot32/PAE/2M/cpl0",
+                                   "long64/4-level/1G/cpl3", "prot32/cpl3"])
+def test_stub_decoding_walks_every_paging_mode(label: str) -> None:
+    """stub_exception reads the frame through any paging mode the environments use (no KVM needed).
+
+    Regression: it walked 4-level tables only, so a delivered exception under 32-bit or PAE
+    paging decoded as a plain HLT and every such case looked like a divergence.
+    """
+    from difftest.builders import build
+    from difftest.layout import ENVIRONMENTS, layout
+
+    env = next(e for e in ENVIRONMENTS if e.label() == label)
+    lay = layout(env)
+    mov = {32: "8b 03", 64: "48 8b 03"}[env.bits]  # mov (e/r)ax, [(e/r)bx]
+    case = build(env, [bytes.fromhex(mov)], regs={"rbx": lay.unmapped + 8})
+    plain = SpecBackend(deliver_exceptions=False).run(case.snapshot, case.budget).stop
+    final = SpecBackend(deliver_exceptions=True).run(case.snapshot, case.budget).final
+    assert final is not None
+    decoded = stub_exception(final)
+    assert decoded is not None
+    assert (decoded.vector, decoded.error_code, decoded.rip) == (plain.vector, plain.error_code, plain.rip)
+    assert plain.vector in (13, 14)

@@ -182,7 +182,7 @@ def _runs(addresses: list[int]) -> list[tuple[int, int]]:
 # -- decoding an exception delivered to install_idt's HLT stubs ------------------------------------------
 
 class _PageReader:
-    """Reads linear memory of a snapshot (identity without paging; 4-level walk in long mode)."""
+    """Reads linear memory of a snapshot through its paging structures (any paging mode but 5-level)."""
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
@@ -206,20 +206,36 @@ class _PageReader:
         return int.from_bytes(out, "little")
 
     def translate(self, linear: int) -> int | None:
+        """Linear -> physical by reading the paging structures (no A/D updates; SDM Vol. 3A 4.3-4.5)."""
         s = self.snap
         if not s.control.cr0 & (1 << 31):
             return linear & 0xFFFF_FFFF
-        if not s.efer & (1 << 10):
-            return None  # legacy paging: not decoded (this KVM cannot run it anyway)
-        table = s.control.cr3 & 0x000F_FFFF_FFFF_F000
-        for level, shift in enumerate((39, 30, 21, 12)):
+        addr_mask = 0x000F_FFFF_FFFF_F000
+        if not s.control.cr4 & (1 << 5):  # 32-bit paging (4.3): PDE, then PTE or a 4-MiB page with PSE
+            linear &= 0xFFFF_FFFF
+            pde = self.phys((s.control.cr3 & 0xFFFF_F000) + 4 * (linear >> 22), 4)
+            if pde is None or not pde & 1:
+                return None
+            if pde & 0x80 and s.control.cr4 & (1 << 4):
+                return (pde & 0xFFC0_0000 | ((pde >> 13) & 0xFF) << 32) | (linear & 0x3F_FFFF)
+            pte = self.phys((pde & 0xFFFF_F000) + 4 * ((linear >> 12) & 0x3FF), 4)
+            return None if pte is None or not pte & 1 else (pte & 0xFFFF_F000) | (linear & 0xFFF)
+        if not s.efer & (1 << 10):  # PAE paging (4.4): the PDPTE registers, then PD and PT
+            linear &= 0xFFFF_FFFF
+            pdpte = s.pdptes[linear >> 30]
+            if not pdpte & 1:
+                return None
+            table, shifts = pdpte & addr_mask, (21, 12)
+        else:  # 4-level paging (4.5)
+            table, shifts = s.control.cr3 & addr_mask, (39, 30, 21, 12)
+        for shift in shifts:
             e = self.phys(table + 8 * ((linear >> shift) & 0x1FF), 8)
             if e is None or not e & 1:
                 return None
-            if level in (1, 2) and e & 0x80:  # 1-GiB or 2-MiB page
+            if shift in (30, 21) and e & 0x80:  # 1-GiB or 2-MiB page
                 size = 1 << shift
-                return (e & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (linear & (size - 1))
-            table = e & 0x000F_FFFF_FFFF_F000
+                return (e & addr_mask & ~(size - 1)) | (linear & (size - 1))
+            table = e & addr_mask
         return table | (linear & 0xFFF)
 
     def linear(self, addr: int, n: int) -> int | None:
