@@ -63,7 +63,9 @@ def _unicorn() -> Backend:
 def _kvm() -> Backend:
     from difftest.backends.kvm import KvmBackend
 
-    return KvmBackend()
+    # 4 GiB of guest-physical space (reserved lazily, MAP_NORESERVE): the 1-GiB-page environments keep
+    # data at 1 GiB, which the backend's default limit would refuse as unsupported.
+    return KvmBackend(mem_limit=1 << 32)
 
 
 _ENTRIES: dict[str, Entry] = {}
