@@ -238,7 +238,7 @@ def _write_phys(pages: list[PageModel], addr: int, data: bytes) -> list[PageMode
         take = min(len(data) - pos, PAGE - off)
         old = bytearray(by_addr[base].to_bytes()) if base in by_addr else bytearray(PAGE)
         old[off:off + take] = data[pos:pos + take]
-        by_addr[base] = PageModel(address=base, data=bytes(old).hex())
+        by_addr[base] = PageModel.from_bytes(base, old)  # canonical by construction: no re-validation
         pos += take
     return sorted(by_addr.values(), key=lambda p: p.address)
 

@@ -50,7 +50,7 @@ errors) all the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,17 +180,19 @@ def flags_read(raw: bytes, bits: int, *, real: bool = False) -> frozenset[str]:
 
 
 def carried_undefined(case: Case, backends: Sequence[Backend], index: int, *,
-                      reference: str = "spec") -> frozenset[str]:
+                      reference: str = "spec", runs: PrefixRuns | None = None) -> frozenset[str]:
     """Undefined status flags whose values differ between ``backends`` after the first ``index`` instructions.
 
     Runs the prefix of ``index`` instructions (it agrees, up to undefined flags, by definition of the
     first divergence) and compares every pair unmasked; only flags the reference (spec) lists as
-    undefined there count.
+    undefined there count.  ``runs``: prefixes already run (the bisection's), reused instead of run again.
     """
     if index <= 0:
         return frozenset()
-    short = prefix(case, index)
-    outs = [o for o in run_backends(short, backends) if o.stop.kind not in INCOMPARABLE]
+    if runs is None:
+        runs = PrefixRuns(case, backends)
+    short, outs = runs.run(index)
+    outs = [o for o in outs if o.stop.kind not in INCOMPARABLE]
     ref = next((o for o in outs if o.backend == reference and o.final is not None), None)
     if ref is None or ref.final is None:
         return frozenset()
@@ -425,6 +427,48 @@ def _is_pushf(raw: bytes, bits: int) -> bool:
 
 # -- the whole pipeline for one case -----------------------------------------------------------------------------
 
+class PrefixRuns:
+    """The prefixes of one case run on ``backends``, each at most once (the backends are deterministic).
+
+    The bisection runs prefixes; signing runs the first diverging one again and the vote the
+    last agreeing one -- both were run by the bisection, so they are looked up here.
+    """
+
+    def __init__(self, case: Case, backends: Sequence[Backend]) -> None:
+        self.case, self.backends = case, list(backends)
+        self._runs: dict[int, tuple[Case, list[Outcome]]] = {}
+        self._comparisons: dict[int, Comparison] = {}
+
+    def _record(self, short: Case) -> int:
+        k = len(short.insn_offsets)
+        if k not in self._runs:
+            self._runs[k] = (short, run_backends(short, self.backends))
+        return k
+
+    def run(self, k: int) -> tuple[Case, list[Outcome]]:
+        """The prefix of ``k`` instructions and its outcomes."""
+        if k not in self._runs:
+            self._record(prefix(self.case, k))
+        return self._runs[k]
+
+    def comparison(self, k: int) -> Comparison:
+        """:func:`compare_all` of the prefix of ``k`` instructions."""
+        if k not in self._comparisons:
+            short, outs = self.run(k)
+            self._comparisons[k] = compare_all(outs, short)
+        return self._comparisons[k]
+
+    def diverges_predicate(self, defined: bool) -> Callable[[Case], bool]:
+        """:func:`difftest.report.diverges_on` for prefixes of the case, remembering each run."""
+
+        def diverges(short: Case) -> bool:
+            k = self._record(short)
+            comp = self.comparison(k)
+            return comp.diverges_defined if defined else comp.diverges
+
+        return diverges
+
+
 def investigate(case: Case, backends: Sequence[Backend], *, outcomes: Sequence[Outcome] | None = None,
                 classify: bool = True) -> Finding | None:
     """Run ``case`` on ``backends``; if they diverge, bisect, then sign (and vote on) the diverging prefix.
@@ -444,16 +488,17 @@ def investigate(case: Case, backends: Sequence[Backend], *, outcomes: Sequence[O
         return None
     # Bisect on defined differences when there are any: an undefined flag that differs from an early
     # instruction on must not hide a later real divergence.
-    index = first_divergence(case, backends, whole_diverges=True, defined=whole.diverges_defined)
-    short = prefix(case, index + 1)
-    p_outs = run_backends(short, backends)
-    comp = compare_all(p_outs, short)
+    runs = PrefixRuns(case, backends)
+    index = first_divergence(case, whole_diverges=True, diverges=runs.diverges_predicate(whole.diverges_defined))
+    short, p_outs = runs.run(index + 1)
+    comp = runs.comparison(index + 1)
     if not comp.diverges:  # a backend that is not deterministic (KVM's time bound): sign the whole case
         short, p_outs, comp = case, outs, whole
     sig = signature(short, comp, index)
     verdict = None
     if classify:
-        carried = carried_undefined(case, backends, index) if comp.rows and not comp.rows[0].undefined else frozenset()
+        carried = (carried_undefined(case, backends, index, runs=runs) if comp.rows and not comp.rows[0].undefined
+                   else frozenset())
         verdict = vote(p_outs, short, comparison=comp, index=index, carried=carried)
     if verdict is None:
         verdict = Verdict(verdict="unknown", reason="not classified", dissenters=sig.backends, field=sig.field)

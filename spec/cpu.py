@@ -127,6 +127,12 @@ class InterruptSource(Protocol):
         ...
 
 
+DECODE_CACHE_SIZE = 1 << 14
+"""Decoded 15-byte windows remembered per vendor (shared by every CPU; emptied when full)."""
+_DECODED: dict[str, dict[tuple[int, bool, bytes], Insn]] = {}
+"""vendor -> (code size, real mode, window) -> instruction: a decode depends on nothing else."""
+
+
 class SpecCPU:
     """The reference interpreter over a :class:`MachineState` (any domain)."""
 
@@ -136,7 +142,7 @@ class SpecCPU:
         self.vendor = vendor
         self.x = Exec(state)
         self.x.vendor = vendor
-        self._decoded: dict[tuple[int, bool, bytes], Insn] = {}
+        self._decoded = _DECODED.setdefault(vendor, {})
         self.deliver_exceptions = deliver_exceptions
         self.interrupt_source: InterruptSource | None = None
         self._intr: deque[int] = deque()  # vectors requested on INTR, oldest first
@@ -187,6 +193,8 @@ class SpecCPU:
 
         insn = decode(code, bits, more, vendor=self.vendor, real=real)
         if first == MAX_LENGTH:
+            if len(self._decoded) >= DECODE_CACHE_SIZE:
+                self._decoded.clear()
             self._decoded[key] = insn
         return insn
 

@@ -229,6 +229,11 @@ class _Engine:
         self.last_block = (address, size)
 
 
+_CAPABILITIES = Capabilities(modes=frozenset({"real", "prot16", "prot32", "long64"}),
+                             paging=frozenset({"none", "32-bit", "PAE", "4-level"}), cpls=frozenset({0, 3}),
+                             delivers_exceptions=False, reports_error_codes=False)
+
+
 class UnicornBackend:
     """Unicorn 2.x (QEMU TCG) as a differential-testing backend; see the module docstring."""
 
@@ -238,9 +243,7 @@ class UnicornBackend:
         self._engines: dict[int, _Engine] = {}
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(modes=frozenset({"real", "prot16", "prot32", "long64"}),
-                            paging=frozenset({"none", "32-bit", "PAE", "4-level"}), cpls=frozenset({0, 3}),
-                            delivers_exceptions=False, reports_error_codes=False)
+        return _CAPABILITIES  # frozen: shared safely
 
     def _unsupported(self, detail: str, rip: int) -> Outcome:
         return Outcome(backend=self.name, stop=Stop(kind="unsupported", rip=rip, detail=detail), final=None,
@@ -427,9 +430,17 @@ class UnicornBackend:
         control = {**snap.control.__dict__, "cr0": cr0, "cr3": cr3, "cr4": cr4}
         if stop.cr2 is not None:
             control["cr2"] = stop.cr2
+        # One read per mapped region (contiguous pages, see _load), sliced into pages: fewer round trips.
+        memory = {addr: uc.mem_read(addr, size) for addr, size in eng.regions}
+        starts = sorted(memory)
         pages = []
+        region = -1
         for p in snap.pages:
-            raw = uc.mem_read(p.address, PAGE)
+            while region + 1 < len(starts) and starts[region + 1] <= p.address:
+                region += 1
+            base = starts[region]
+            off = p.address - base
+            raw = memory[base][off:off + PAGE]
             pages.append(p if raw == p.to_bytes() else PageModel.from_bytes(p.address, raw))
         values = dict(snap.__dict__)
         values.update(regs=trusted(type(r), regs), segments=trusted(type(snap.segments), segments),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from spec.decode.insn import CR, CS, DR, DS, ES, FAR, FS, GS, IMM, MEM, REG, REL, SEG, SS, Insn, Operand
 from spec.decode.opcodes import ROWS, Row
@@ -69,8 +70,9 @@ class _Entry:
     by_exact: dict[int, list[Row]] = field(default_factory=dict)
     mandatory: dict[int, _Entry] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def has_modrm(self) -> bool:
+        """Whether a ModRM byte follows the opcode (computed once: the map is fixed after :func:`_build`)."""
         return bool(self.by_digit or self.by_exact or any(r.has_modrm for r in self.plain))
 
 

@@ -51,6 +51,7 @@ Attribute column
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 CONDITIONS = ("O", "NO", "B", "AE", "E", "NE", "BE", "A", "S", "NS", "P", "NP", "L", "GE", "LE", "G")
 """Condition-code suffixes by the low opcode nibble (SDM Vol. 1 Appendix B)."""
@@ -504,9 +505,9 @@ class Row:
             return self.mnemonic[:-2] + CONDITIONS[self.cc]
         return self.mnemonic
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """A stable identifier of the form, for coverage and signatures."""
+        """A stable identifier of the form, for coverage and signatures (computed once per row)."""
         ops = ",".join(self.operands)
         cc = "" if self.cc is None else CONDITIONS[self.cc]
         op = " ".join(f"{b:02X}" for b in self.opcode)
