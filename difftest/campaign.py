@@ -21,6 +21,18 @@ below the representative is finished -- so the representative, and with it
 the minimized case, does not depend on worker count or timing -- and written
 to ``<findings>/<signature>.json``.
 
+A backend that kills its process natively (Unicorn 2.1.4 dies of SIGFPE on a 32-bit
+``IDIV`` of 0x80000000_00000000 by -1 in 64-bit mode) cannot be caught in Python, so
+batches run in worker processes (even with one worker).  When a worker dies, every batch it took down
+is re-run in fresh single-use child processes, halving a range whose child dies until
+the crashing cases stand alone (:func:`isolate_batch`).  Each crashing case becomes a
+finding ``crash|<backend>|<form of the crashing instruction>|<mode>`` (the backend is
+found by running each backend alone in a child, the instruction by bisecting the
+instruction prefix); its "minimized" case is the prefix ending at that instruction.
+The rest commit normally and a fresh pool carries on.  Isolation gives exactly the
+results a batch would have given, so seeds, worker counts and restarts still yield
+the same database.
+
 Coverage is counted per (opcode-table row, mode) pair the generator exercised
 (:func:`difftest.generate.rows_covered`), against every row valid in each mode
 of the campaign.
@@ -28,6 +40,7 @@ of the campaign.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import multiprocessing
 import os
@@ -38,6 +51,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +196,16 @@ def normalize_reason(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."
 
 
+def spec_derived(outcome: Outcome) -> bool:
+    """Whether ``outcome`` came from the spec itself run another way (the refvmm VMM backends).
+
+    Such a backend is not an independent implementation: agreeing with the spec proves
+    nothing about the hardware and disagreeing is a bug of the VMM.  It is therefore
+    checked for equivalence with the reference alone and never votes (see :class:`Checker`).
+    """
+    return outcome.executed_by == "spec"
+
+
 def _crash(backend: str, e: BaseException) -> Outcome:
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
@@ -194,7 +218,13 @@ class Checker:
 
     Analysis is :func:`difftest.triage.investigate` (compare every pair, bisect to the
     first diverging instruction, sign and vote on the diverging prefix) and
-    :func:`difftest.known.is_known`.
+    :func:`difftest.known.is_known`.  The vote is among *independent* implementations
+    only: the spec, Unicorn (QEMU), KVM (hardware and its emulator), user backends.
+    Spec-derived backends (:func:`spec_derived`: the refvmm VMMs, which run the spec in
+    the guest) are each compared with the spec alone, an equivalence check whose
+    divergences are VMM bugs (verdict ``unknown``); otherwise their copies of the spec's
+    answer would outvote KVM and Unicorn, and known hardware/QEMU divergences would
+    split without a majority whenever they are present.
     """
 
     def __init__(self, names: Sequence[str], known_dir: Path | None = None) -> None:
@@ -222,22 +252,35 @@ class Checker:
         for name, o in outcomes.items():
             if o.executed_by == "crash":
                 result.errors.append(f"crash/{name}/{normalize_reason(o.stop.detail.removeprefix('crash: '))}")
-        try:
-            d = self._analyse(case, outcomes)
-        except Exception as e:  # a bug in comparison/triage: recorded, the campaign goes on
-            result.errors.append(f"crash/analysis/{normalize_reason(f'{type(e).__name__}: {e}')}")
-        else:
-            if d is not None:
-                result.divergences.append(d)
+        independent = {n: o for n, o in outcomes.items() if n == REFERENCE or not spec_derived(o)}
+        groups = [independent]  # one vote among independent implementations ...
+        groups += [{REFERENCE: outcomes[REFERENCE], n: o} for n, o in outcomes.items()  # ... and one equivalence
+                   if n not in independent and REFERENCE in outcomes]  # check per spec-derived backend
+        for group in groups:
+            if len(group) < 2:
+                continue
+            try:
+                d = self._analyse(case, group, derived=len(group) == 2 and not set(group) <= set(independent))
+            except Exception as e:  # a bug in comparison/triage: recorded, the campaign goes on
+                result.errors.append(f"crash/analysis/{normalize_reason(f'{type(e).__name__}: {e}')}")
+            else:
+                if d is not None:
+                    result.divergences.append(d)
         return result
 
-    def _analyse(self, case: Case, outcomes: dict[str, Outcome]) -> CaseDivergence | None:
+    def _analyse(self, case: Case, outcomes: dict[str, Outcome], *, derived: bool = False) -> CaseDivergence | None:
         from difftest.known import is_known
-        from difftest.triage import investigate
+        from difftest.triage import Verdict, investigate
 
-        found = investigate(case, list(self.backends.values()), outcomes=list(outcomes.values()))
+        found = investigate(case, [self.backends[n] for n in outcomes], outcomes=list(outcomes.values()),
+                            classify=not derived)
         if found is None:
             return None
+        if derived:  # the spec run by a VMM must equal the spec itself: a difference is the VMM's bug
+            other = next(n for n in outcomes if n != REFERENCE)
+            found = found.model_copy(update={"verdict": Verdict(
+                verdict="unknown", reason=f"{other} (the spec inside a VMM) differs from the spec: a VMM bug",
+                dissenters=(other,), field=found.signature.field)})
         sig, index = found.signature, found.index
         known = is_known(sig, self.known, verdict=found.verdict.verdict)
         instruction = instruction_text(case, index)
@@ -368,6 +411,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(names: list[str], parent: int, known_dir: Path | None) -> None:
     """Pool initializer: die with the coordinator, leave Ctrl-C to it, build this process's backends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.disable()  # a backend's native crash is isolated and recorded by the coordinator
     _die_with_parent(parent)
     _WORKER["checker"] = Checker(names, known_dir)
 
@@ -396,7 +440,7 @@ def _task_minimize(config: CampaignConfig, key: str, case_json: str, index: int,
 
 
 class _InlineExecutor:
-    """The one-worker executor: runs tasks in this process (no pickling, no IPC)."""
+    """Runs tasks in this process (``RunOptions.inline``: no pickling, no IPC, but no crash isolation either)."""
 
     def __init__(self, names: list[str], known_dir: Path | None) -> None:
         _WORKER["checker"] = Checker(names, known_dir)
@@ -415,14 +459,200 @@ class _InlineExecutor:
         _WORKER.pop("checker", None)
 
 
-def _executor(workers: int, names: list[str], known_dir: Path | None) -> _InlineExecutor | ProcessPoolExecutor:
-    if workers <= 1:
+def _executor(workers: int, names: list[str], known_dir: Path | None, *,
+              inline: bool = False) -> _InlineExecutor | ProcessPoolExecutor:
+    if inline:
         return _InlineExecutor(names, known_dir)
     # fork: workers inherit the registry (backends registered at run time) and start fast.  The pool
     # starts its processes at the first submit, before the caller's progress display starts a thread.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                                initializer=_init_worker, initargs=(names, os.getpid(), known_dir))
+
+
+# -- crash isolation ------------------------------------------------------------------------------
+
+CRASH_PREFIX = "crash|"
+
+
+@dataclass
+class ChildResult:
+    """How a function run in a single-use child process ended."""
+
+    status: Literal["ok", "error", "died"]
+    value: Any = None
+    why: str = ""  # "error": the exception; "died": how the process ended
+
+
+def run_in_child(fn: Callable[[], Any]) -> ChildResult:
+    """Run ``fn`` in a fresh forked child and return its result, its exception text, or how it died.
+
+    The child inherits everything (registered backends, the generator), so nothing but
+    the result is pickled.  It dies with this process (no orphans after a SIGKILL).
+    """
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(fn, send, os.getpid()), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        status, value = recv.recv()
+    except EOFError:  # the child died before it could answer
+        status, value = "died", None
+    finally:
+        recv.close()
+    proc.join()
+    if status == "died":
+        code = proc.exitcode if proc.exitcode is not None else 0
+        why = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
+        return ChildResult("died", None, why)
+    return ChildResult(status, value if status == "ok" else None, value if status == "error" else "")
+
+
+def _child_main(fn: Callable[[], Any], send: Any, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.disable()  # a native crash here is expected and diagnosed by the parent, not a traceback
+    _die_with_parent(parent)
+    try:
+        result: tuple[str, Any] = ("ok", fn())
+    except Exception as e:
+        result = ("error", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    send.send(result)
+    send.close()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass
+class Isolation:
+    """What a campaign needs to re-run cases in child processes."""
+
+    config: CampaignConfig
+    names: list[str]
+    known_dir: Path | None
+    generator: Generator
+    rows_covered: RowsCovered
+
+    def batch(self, start: int, end: int) -> BatchResult:
+        return run_batch(Checker(self.names, self.known_dir), self.config, start, end, self.generator,
+                         self.rows_covered)
+
+
+def isolate_batch(iso: Isolation, start: int, end: int) -> list[BatchResult]:
+    """Results for cases ``start..end-1`` whose worker died: ranges in increasing order, covering them all.
+
+    The range runs in a fresh child; if that dies it is halved until single cases die,
+    and each of those becomes a crash finding (:func:`crash_result`).  A Python exception
+    escaping a batch is a harness bug: :class:`CampaignError`.
+    """
+    res = run_in_child(lambda: iso.batch(start, end))
+    if res.status == "ok":
+        return [res.value]
+    if res.status == "error":
+        raise CampaignError(f"cases {start}..{end - 1} failed: {res.why} (finished batches are saved; "
+                            "rerun to resume)")
+    if end - start == 1:
+        return [crash_result(iso, start, res.why)]
+    mid = (start + end) // 2
+    return isolate_batch(iso, start, mid) + isolate_batch(iso, mid, end)
+
+
+def _backend_dies(name: str, case: Case) -> ChildResult:
+    return run_in_child(lambda: registry.create(name).run(case.snapshot, case.budget).stop.kind)
+
+
+@dataclass
+class Crash:
+    """A case that kills the process running it, diagnosed."""
+
+    key: str  # crash|<backend>|<form of the crashing instruction>|<mode>
+    verdict: str
+    backend: str  # the culprit ("unknown" when no backend dies alone: the crash is in the analysis)
+    why: str  # how the process died
+    insn_index: int | None
+    instruction: str
+    prefix: Case  # the case cut after the crashing instruction
+
+    @property
+    def explanation(self) -> str:
+        at = f" at instruction {self.insn_index}: {self.instruction}" if self.instruction else ""
+        return f"{self.backend} killed its process ({self.why}){at}"
+
+
+def diagnose_crash(case: Case, names: Sequence[str], why: str = "") -> Crash:
+    """Which backend kills its process on ``case`` and at which instruction.
+
+    Each backend runs the case alone in a child: the first one that dies is the
+    culprit; bisecting the instruction prefix on it finds the instruction.
+    """
+    from difftest.triage import form_at
+
+    culprit, died = "unknown", why
+    for name in names:
+        if registry.availability(name)[0]:
+            alone = _backend_dies(name, case)
+            if alone.status == "died":
+                culprit, died = name, alone.why
+                break
+    insns = case.instructions() if case.insn_offsets else []
+    insn_index: int | None = None
+    form, prefix = "unknown", case
+    if culprit != "unknown" and insns:
+        good, bad = 0, len(insns)  # the bare HLT is assumed to survive; the whole case does not
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if _backend_dies(culprit, case.with_instructions(insns[:mid])).status == "died":
+                bad = mid
+            else:
+                good = mid
+        insn_index = bad - 1
+        form = form_at(case, insn_index)
+        prefix = case.with_instructions(insns[:bad])
+    verdict = f"{culprit}-bug" if culprit in ("spec", "unicorn") else "unknown"
+    return Crash(key=f"{CRASH_PREFIX}{culprit}|{form}|{case.env.label()}", verdict=verdict, backend=culprit,
+                 why=died, insn_index=insn_index,
+                 instruction=instruction_text(case, insn_index) if insn_index is not None else "", prefix=prefix)
+
+
+def crash_result(iso: Isolation, index: int, why: str) -> BatchResult:
+    """The record of case ``index``, which kills the process checking it (:func:`diagnose_crash`)."""
+    from difftest.known import is_known, load_known
+
+    config = iso.config
+    out = BatchResult(index, index + 1)
+    out.count("cases")
+    try:
+        case = iso.generator(config.seed, index, envs=config.environments(), length=config.length,
+                             campaign=config.name)
+    except Exception as e:  # the generator is pure Python: its bug is counted like in run_batch
+        out.count(f"crash/generator/{normalize_reason(f'{type(e).__name__}: {e}')}")
+        return out
+    for pair in iso.rows_covered(case):
+        out.coverage[pair] = out.coverage.get(pair, 0) + 1
+    crash = diagnose_crash(case, iso.names, why)
+    known = is_known(crash.key, load_known(iso.known_dir), verdict=crash.verdict)
+    out.count(f"crash/{crash.backend}/native crash ({crash.why})")
+    out.count("cases/divergent")
+    out.count("cases/divergent/" + ("known" if known else "new"))
+    out.count(f"verdict/{crash.verdict}")
+    case_json = None
+    if not known:
+        small = crash.prefix.model_copy(update={
+            "name": safe_name(crash.key), "tags": sorted({*case.tags, "finding", "crash", crash.verdict}),
+            "explanation": f"{crash.verdict}: {crash.explanation}. {case.explanation}".strip(),
+            "provenance": Provenance(generator="crash-isolation", seed=config.seed, campaign=config.name,
+                                     index=index, parent=case.name)})
+        case_json = Case.model_validate_json(small.model_dump_json()).to_json()
+    out.add_divergence(Divergence(key=crash.key, known=known, verdict=crash.verdict, index=index,
+                                  insn_index=crash.insn_index, instruction=crash.instruction, fields=["crash"],
+                                  backends=[crash.backend], explanation=crash.explanation, case_json=case_json))
+    return out
 
 
 # -- the coordinator ------------------------------------------------------------------------------
@@ -466,6 +696,7 @@ class RunOptions:
     known_dir: Path | None = None  # known divergences (None: the package's corpus/known)
     minimize: bool = True
     minimize_tests: int = 400  # predicate calls a minimization may make
+    inline: bool = False  # one worker in this very process: faster to profile, but a native crash kills the run
 
 
 def coverage_universe(modes: Sequence[str]) -> set[tuple[str, str]]:
@@ -511,12 +742,58 @@ def run_campaign(store: Store, config: CampaignConfig, options: RunOptions, *,
         prog.deadline = prog.started + options.seconds
     _refresh_findings(prog, store)
     batches: Iterator[tuple[int, int]] = pending_batches(store.done_ranges(), options.cases, max(1, options.batch))
-    executor = _executor(options.workers, names, options.known_dir)
+    executor = _executor(options.workers, names, options.known_dir, inline=options.inline)
+    iso = Isolation(config, names, options.known_dir, generator, rows_covered)
     inflight: dict[Future[Any], tuple[str, Any]] = {}
     minimizing: set[str] = set()
     stopping = False
+
+    def record(batch: BatchResult) -> None:
+        store.commit_batch(batch)
+        n = batch.end - batch.start
+        prog.done += n
+        prog.session += n
+        prog.divergent_cases += batch.counters.get("cases/divergent", 0)
+        prog.unsupported += sum(v for k, v in batch.counters.items() if k.endswith("/unsupported"))
+        prog.crashes += sum(v for k, v in batch.counters.items() if k.startswith("crash/"))
+        covered.update(p for p in batch.coverage if p in universe)
+        prog.covered = len(covered)
+        if batch.divergences:
+            _refresh_findings(prog, store)
+
+    def minimize_isolated(key: str) -> None:
+        """Minimize ``key`` in a child; if the minimizer's candidates kill it too, keep the case as found."""
+        found = store.finding(key)
+        assert found is not None and found.case_json is not None
+        case_json = found.case_json
+        res = run_in_child(lambda: minimize_finding(Checker(names, options.known_dir), key, case_json, config,
+                                                    found.first_index, options.minimize_tests))
+        if res.status == "error":
+            raise CampaignError(f"minimizing {key} failed: {res.why} (rerun to resume)")
+        if res.status == "ok":
+            minimized_json, report = res.value
+        else:
+            case = Case.model_validate_json(case_json)
+            note = f"unminimized: a minimization candidate killed the process ({res.why})"
+            minimized_json = case.model_copy(update={
+                "name": safe_name(key), "tags": sorted({*case.tags, "finding", "unminimized"}),
+                "explanation": f"{case.explanation} {note}".strip()}).to_json()
+            report = found.explanation
+        path = _write_finding(options, key, minimized_json)
+        store.set_minimized(key, minimized_json, None if path is None else str(path), report)
+        minimizing.discard(key)
+        prog.minimized += 1
+    broken: list[tuple[str, Any]] = []  # tasks lost with a worker that died
+
+    def submit(kind: str, what: Any, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            inflight[executor.submit(fn, *args)] = (kind, what)
+        except BrokenProcessPool:  # a worker died since the last look: the task goes to isolation
+            broken.append((kind, what))
+
     try:
         while True:
+            broken.clear()
             if prog.deadline is not None and time.monotonic() >= prog.deadline:
                 stopping = True
             while not stopping and sum(1 for k, _ in inflight.values() if k == "batch") < 2 * max(1, options.workers):
@@ -524,8 +801,9 @@ def run_campaign(store: Store, config: CampaignConfig, options: RunOptions, *,
                 if nxt is None:
                     stopping = True
                     break
-                fut = executor.submit(_task_batch, config, nxt[0], nxt[1], generator, rows_covered)
-                inflight[fut] = ("batch", nxt)
+                submit("batch", nxt, _task_batch, config, nxt[0], nxt[1], generator, rows_covered)
+                if broken:
+                    break
             if options.minimize:
                 # The representative is final once every lower index is done (or nothing more will run).
                 watermark = None if (stopping and not _batches_running(inflight)) else store.watermark()
@@ -538,11 +816,16 @@ def run_campaign(store: Store, config: CampaignConfig, options: RunOptions, *,
                         continue
                     found = store.finding(key)
                     assert found is not None and found.case_json is not None
-                    fut = executor.submit(_task_minimize, config, key, found.case_json, first_index,
-                                          options.minimize_tests)
-                    inflight[fut] = ("minimize", key)
+                    if key.startswith(CRASH_PREFIX):  # already cut at the crashing instruction; rerunning it kills
+                        path = _write_finding(options, key, found.case_json)
+                        store.set_minimized(key, found.case_json, None if path is None else str(path),
+                                            found.explanation)
+                        prog.minimized += 1
+                        continue
+                    submit("minimize", key, _task_minimize, config, key, found.case_json, first_index,
+                           options.minimize_tests)
                     minimizing.add(key)
-            if not inflight:
+            if not inflight and not broken:
                 break
             finished, _ = wait(list(inflight), timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -550,25 +833,21 @@ def run_campaign(store: Store, config: CampaignConfig, options: RunOptions, *,
                 if kind == "batch":
                     try:
                         batch: BatchResult = fut.result()
-                    except Exception as e:  # a worker died or a harness bug escaped: stop, nothing is lost
+                    except BrokenProcessPool:
+                        broken.append((kind, what))
+                        continue
+                    except Exception as e:  # a harness bug escaped: stop, nothing is lost
                         raise CampaignError(f"cases {what[0]}..{what[1] - 1} failed: {type(e).__name__}: "
                                             f"{' '.join(str(e).split())[:200]} (finished batches are saved; "
                                             "rerun to resume)") from None
-                    store.commit_batch(batch)
-                    n = batch.end - batch.start
-                    prog.done += n
-                    prog.session += n
-                    prog.divergent_cases += batch.counters.get("cases/divergent", 0)
-                    prog.unsupported += sum(v for k, v in batch.counters.items() if k.endswith("/unsupported"))
-                    prog.crashes += sum(v for k, v in batch.counters.items() if k.startswith("crash/"))
-                    covered.update(p for p in batch.coverage if p in universe)
-                    prog.covered = len(covered)
-                    if batch.divergences:
-                        _refresh_findings(prog, store)
+                    record(batch)
                 else:
                     try:
                         minimized_json, report = fut.result()
-                    except Exception as e:  # a worker died: the finding stays pending for the next run
+                    except BrokenProcessPool:
+                        broken.append((kind, what))
+                        continue
+                    except Exception as e:  # a minimizer bug escaped: the finding stays pending for the next run
                         raise CampaignError(f"minimizing {what} failed: {type(e).__name__}: "
                                             f"{' '.join(str(e).split())[:200]} (rerun to resume)") from None
                     path = _write_finding(options, what, minimized_json)
@@ -576,6 +855,17 @@ def run_campaign(store: Store, config: CampaignConfig, options: RunOptions, *,
                     minimizing.discard(what)
                     prog.minimized += 1
                 prog.minimizing = len(minimizing)
+            if broken:
+                # A worker died (a backend crashed natively): the pool is gone with every task in it.
+                broken += inflight.values()
+                inflight.clear()
+                executor.shutdown(wait=True, cancel_futures=True)
+                for start, end in sorted(what for kind, what in broken if kind == "batch"):
+                    for part in isolate_batch(iso, start, end):
+                        record(part)
+                for key in sorted(what for kind, what in broken if kind == "minimize"):
+                    minimize_isolated(key)
+                executor = _executor(options.workers, names, options.known_dir, inline=options.inline)
             if on_progress is not None:
                 on_progress(prog)
     finally:

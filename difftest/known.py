@@ -14,6 +14,19 @@ this very shift (a count of 0 leaves it defined), that KVM's pushed image differ
 in IF/IOPL.  Entries are tried in file-name order; the numbered names fix it (the two
 ORACLES.md undefined-flag classes first, the catch-all ``99-undefined-gap`` last).
 
+Entries about Unicorn (QEMU) divergences are established with KVM present, where the
+vote names Unicorn alone as dissenter.  On a machine without ``/dev/kvm`` the same
+divergence is a spec/Unicorn tie (dissenters ``spec,unicorn``, verdict ``unknown``):
+such entries accept both dissenter lists in their pattern and match on the key alone
+(``requires_verdict: false``), so a corpus replays the same with or without KVM.  An
+entry that needs the vote (its key alone would also cover an undefined-flag gap) names
+the tie key separately (``undecided_pattern``, matched only when the verdict is
+``unknown``).  The
+refvmm VMM backends never vote (they run the spec; see :class:`difftest.campaign.Checker`),
+so their presence does not change any key either.  Crash entries match
+``crash|<backend>|<form>|<mode>`` signatures (:func:`difftest.campaign.diagnose_crash`):
+cases that kill the backend's process natively.
+
 Loading is strict: a malformed file, an invalid pattern, a missing example or a
 name used twice is a one-line :class:`KnownError` naming the file and the problem.
 """
@@ -52,10 +65,15 @@ class KnownDivergence(BaseModel):
     requires_verdict: bool = Field(default=True, description="match only when the vote (difftest.triage.vote) "
                                    "reached this verdict too: for entries whose key alone is broader than the cause")
     references: list[str] = Field(default_factory=list, description="manual sections, ORACLES.md, issues")
+    undecided_pattern: str | None = Field(default=None, description="for a requires_verdict entry: a key pattern "
+                                          "matched when the vote could not decide (verdict 'unknown'), e.g. the "
+                                          "spec/Unicorn tie of a Unicorn bug on a machine without KVM")
 
-    @field_validator("key_pattern")
+    @field_validator("key_pattern", "undecided_pattern")
     @classmethod
-    def _compiles(cls, v: str) -> str:
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             re.compile(v)
         except re.error as e:
@@ -69,6 +87,14 @@ class KnownDivergence(BaseModel):
     def matches(self, sig: Signature | str) -> bool:
         key = sig if isinstance(sig, str) else sig.key
         return self.regex.fullmatch(key) is not None
+
+    def accepts(self, sig: Signature | str, verdict: str | None) -> bool:
+        """Whether this entry explains ``sig`` with the vote's ``verdict`` (see :func:`match`)."""
+        if self.matches(sig) and (not self.requires_verdict or self.verdict == verdict):
+            return True
+        key = sig if isinstance(sig, str) else sig.key
+        return (self.undecided_pattern is not None and verdict == "unknown"
+                and _compiled(self.undecided_pattern).fullmatch(key) is not None)
 
     def example_path(self, directory: Path | None = None) -> Path:
         return (directory or KNOWN_DIR) / self.example
@@ -125,10 +151,11 @@ def match(sig: Signature | str, known: list[KnownDivergence] | None = None, *,
     ``requires_verdict`` matches only when that verdict is given and equals its own -- a key
     says where a divergence is, the vote checks what explains it (e.g. that the flag is
     undefined *there*).  Other entries (gap signatures, or divergences the vote cannot
-    classify, like an undefined destination register) match on the key alone.
+    classify, like an undefined destination register) match on the key alone.  An entry's
+    ``undecided_pattern`` matches when the vote could not decide (``unknown``).
     """
     entries = known if known is not None else _registry(str(KNOWN_DIR))
-    return next((e for e in entries if e.matches(sig) and (not e.requires_verdict or e.verdict == verdict)), None)
+    return next((e for e in entries if e.accepts(sig, verdict)), None)
 
 
 def is_known(sig: Signature | str, known: list[KnownDivergence] | None = None, *, verdict: str | None = None) -> bool:

@@ -393,3 +393,14 @@ def test_snapshot_deep_copy_is_equal_and_independent(seed: int) -> None:
         assert snap.regs.rax != d.regs.rax and snap.segments.ss.dpl != d.segments.ss.dpl
         assert snap.pages[0].data != "ff" and "0x10" not in snap.msrs and snap.dr[0] != d.dr[0]
         assert "CF" not in snap.undefined_flags or snap.undefined_flags.count("CF") != d.undefined_flags.count("CF")
+
+
+def test_inline_runs_equal_worker_runs(tmp_path: Path, negbug: str) -> None:
+    """RunOptions.inline (no worker process, no crash isolation) records exactly what a worker does."""
+    config = make_config(seed=3, backends="spec,negbug", envs=[ENV], length=8)
+    known = tmp_path / "no-known"
+    known.mkdir()
+    inline = Store.open(tmp_path / "i.db", config.model_dump())
+    run_campaign(inline, config, RunOptions(cases=30, batch=7, findings_dir=None, minimize=False, known_dir=known,
+                                            inline=True), generator=stream_case, rows_covered=stream_rows)
+    assert digest(inline) == digest(run(tmp_path / "w.db", cases=30, minimize=False))

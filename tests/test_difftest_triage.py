@@ -368,6 +368,19 @@ def test_match_by_key_and_verdict() -> None:
     assert match(gap).name == "06-kvm-emulator-internal-error"  # type: ignore[union-attr]
     bsf = f"0F BC BSF Gv,Ev os32|{MODE}|gpr|unicorn"
     assert match(bsf, verdict="unicorn-bug").name == "10-unicorn-bsf-zero-source"  # type: ignore[union-attr]
+    # without KVM a Unicorn bug is a spec/Unicorn tie: key-only entries accept it, others via undecided_pattern
+    assert match(f"0F BC BSF Gv,Ev os32|{MODE}|gpr|spec,unicorn", verdict="unknown").name == (  # type: ignore[union-attr]
+        "10-unicorn-bsf-zero-source")
+    lahf = "9F LAHF|long64/4-level/4K/cpl3|gpr|"
+    assert match(lahf + "unicorn", verdict="unicorn-bug").name == "16-unicorn-lahf-rex"  # type: ignore[union-attr]
+    assert match(lahf + "spec,unicorn", verdict="unknown").name == "16-unicorn-lahf-rex"  # type: ignore[union-attr]
+    assert match(lahf + "unicorn", verdict="unknown") is None  # the vote named Unicorn: it must say why
+    gap = match(lahf + "kvm,unicorn", verdict="undefined-gap")
+    assert gap is not None and gap.name == "99-undefined-gap"  # a LAHF of carried undefined flags stays a gap
+    # crash signatures (difftest.campaign.diagnose_crash)
+    idiv = "crash|unicorn|F7 /7 IDIV Ev os32|long64/4-level/4K/cpl0"
+    assert match(idiv, verdict="unicorn-bug").name == "11-unicorn-idiv-overflow-crash"  # type: ignore[union-attr]
+    assert match(idiv.replace("IDIV Ev os32", "IDIV Ev os64"), verdict="unicorn-bug") is None
 
 
 def _write(d: Path, stem: str, **over: object) -> Path:
@@ -411,9 +424,16 @@ def test_unreadable_registry(tmp_path: Path) -> None:
 def test_every_example_reproduces_its_signature(entry: KnownDivergence) -> None:
     if "kvm" in entry.backends and KVM is None:
         pytest.skip(f"KVM backend unavailable: {KVM_CAPS.reason}")
+    case = Case.load(entry.example_path())
+    if entry.key_pattern.startswith("crash"):  # a backend that kills its process: diagnosed in child processes
+        from difftest.campaign import diagnose_crash
+
+        crash = diagnose_crash(case, entry.backends)
+        assert entry.matches(crash.key) and crash.verdict == entry.verdict, crash
+        assert match(crash.key, verdict=crash.verdict) == entry
+        return
     by_name = {"spec": SPEC, "unicorn": UNICORN, "kvm": KVM}
     backends = [by_name[b] for b in entry.backends]
-    case = Case.load(entry.example_path())
     result = assess(case, backends)  # type: ignore[arg-type]
     if result.finding is not None:
         sig, verdict = result.finding.signature, result.finding.verdict.verdict
