@@ -19,7 +19,18 @@ Vendor rules (``vendor="amd"``, the default, or ``"intel"``):
 * far pointers in memory (``amd32`` rows) with REX.W: Intel reads m16:64,
   AMD ignores REX.W;
 * LOCK MOV CR0 is the AMD alternative encoding of CR8 (APM Vol. 3 MOV CRn,
-  CPUID Fn8000_0001 ECX.AltMovCr8); on Intel it is #UD.
+  CPUID Fn8000_0001 ECX.AltMovCr8); on Intel it is #UD;
+* segment-override prefixes in 64-bit mode.  Both manuals call the ES/CS/SS/DS
+  overrides ineffective there (APM Vol. 3 1.2.4, Vol. 1 4.12.2: "null
+  prefixes"; SDM Vol. 1 3.3.7, 3.4.2.1: their bases are treated as 0).
+  Intel: they are ignored entirely, so an FS/GS override before or after them
+  stays and without one the default segment applies.  AMD (measured on an EPYC
+  under KVM, corpus/regressions/amd-last-segment-prefix-wins.json): the last
+  segment prefix decides, as in the other modes -- ``65 36`` is SS, and an
+  ES/CS/SS/DS prefix after FS/GS cancels it.  Such a segment's base is still
+  ignored (:meth:`spec.isa.context.Exec.linear`), but it decides the fault:
+  a non-canonical SS-relative access is #SS(0), any other #GP(0) (SDM Vol. 3A
+  6.15; APM Vol. 2 8.4).
 
 Where the references disagree the choice is documented here and pinned in
 tests/test_decoder_crosscheck.py: ``F3 REX.B 90`` is ``XCHG r8, rAX`` (REX.B
@@ -179,9 +190,9 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
                 opsize_prefix = True
             elif b == 0x67:
                 addrsize_prefix = True
-            elif bits != 64 or b >= 0x64 or seg_override is None or seg_override < FS:
-                # The last segment override wins -- except that in 64-bit mode ES/CS/SS/DS overrides are
-                # null prefixes (APM Vol. 1 4.12.2; SDM Vol. 1 3.3.7.1) and do not displace FS/GS.
+            elif bits != 64 or vendor == "amd" or b >= 0x64:
+                # The last segment override wins (SDM Vol. 2A 2.1.1); for the 64-bit vendor rule see the
+                # module docstring (Intel: ES/CS/SS/DS prefixes are ignored, SDM Vol. 1 3.3.7).
                 seg_override = SEGMENT_PREFIXES[b]
             pos += 1
             continue

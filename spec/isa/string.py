@@ -134,8 +134,11 @@ def _cmps(x: Exec, i: Insn) -> Any:
     w = src.size
     n = w >> 3
     si, di = s.read_gpr(_RSI, aw), s.read_gpr(_RDI, aw)
-    a = x.mem_read(src.seg, si, n)
+    # ES:[rDI] is read before seg:[rSI]: when both accesses fault, the fault (and CR2) is the rDI
+    # one.  The manuals leave the order open; this is what the AMD hardware of ORACLES.md does
+    # (corpus/regressions/cmps-reads-destination-first.json), and QEMU agrees.
     b = x.mem_read(dst.seg, di, n)
+    a = x.mem_read(src.seg, si, n)
     x.set_flags(F.SUB, w, a, b, D.sub(w, a, b))
     d = _delta(x, n, aw)
     s.write_gpr(_RSI, aw, D.add(aw, si, d))
