@@ -57,13 +57,18 @@ def test_last_segment_override_wins() -> None:
     assert dec("2E 26 8B 00", 32).seg_override == ES
 
 
-def test_64bit_null_segment_prefixes_do_not_displace_fs_gs() -> None:
-    """In 64-bit mode ES/CS/SS/DS overrides are null prefixes (SDM Vol. 1 3.3.7.1; APM Vol. 1 4.12.2):
-    they cannot cancel an FS/GS override; between FS and GS the last still wins."""
-    assert dec("64 26 8B 00", 64).operands[1].seg == FS
+def test_64bit_segment_prefixes_follow_the_vendor_rule() -> None:
+    """In 64-bit mode (decoder docstring; tests/test_decoder_segment_prefix.py has the full matrix):
+    Intel ignores ES/CS/SS/DS overrides (SDM Vol. 1 3.3.7), so they cannot cancel FS/GS; on AMD the
+    last segment prefix wins, as measured on hardware (corpus/regressions/amd-last-segment-prefix-wins.json)."""
+    assert dec("64 26 8B 00", 64, vendor="intel").operands[1].seg == FS
+    assert dec("26 64 8B 00", 64, vendor="intel").operands[1].seg == FS
+    assert dec("65 64 8B 00", 64, vendor="intel").operands[1].seg == FS
+    assert dec("64 65 3E 8B 00", 64, vendor="intel").operands[1].seg == GS
+    assert dec("26 8B 00", 64, vendor="intel").seg_override is None
+    assert dec("64 26 8B 00", 64).operands[1].seg == ES
     assert dec("26 64 8B 00", 64).operands[1].seg == FS
-    assert dec("65 64 8B 00", 64).operands[1].seg == FS
-    assert dec("64 65 3E 8B 00", 64).operands[1].seg == GS
+    assert dec("64 65 3E 8B 00", 64).operands[1].seg == DS
     assert dec("26 8B 00", 64).operands[1].seg == ES  # reported; the semantics ignore its base
 
 

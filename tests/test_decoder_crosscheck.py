@@ -52,6 +52,14 @@ in ``_reconcile`` / ``_UD_ALTERNATIVES`` and counted in the summary):
    are on processors without the feature).  Only the length is compared.
 8. F2/F3 0F 01 D9: iced says VMGEXIT (SEV-ES); outside an SEV-ES guest it
    behaves as VMMCALL (APM Vol. 3 VMGEXIT), which is what the map decodes.
+9. Segment-override prefixes in 64-bit mode: iced lets an FS/GS override win
+   over a later ES/CS/SS/DS one and reports ES/CS/SS/DS overrides otherwise,
+   with or without DecoderOptions.AMD.  Ours follows the vendor rule in the
+   decoder's docstring (AMD: the last segment prefix, measured on hardware;
+   Intel: only FS/GS count).  Where the two differ the memory operand's
+   segment must be the one that rule derives from the prefix bytes (the
+   default segment taken from iced on the encoding without its segment
+   prefixes); the rest of the operand is still compared.
 7. Ours #UD, iced another instruction (``_UD_ALTERNATIVES``): the register
    form of 0F 0D is #UD on AMD (3DNow! manual: only the memory form is
    valid), a reserved NOP for iced; C6 F8/C7 F8 are
@@ -227,11 +235,34 @@ def iced_decode(code: bytes, bits: int, vendor: str) -> iced.Instruction:
 _HINT_NOP_OPCODES = {(0x0F, b) for b in range(0x18, 0x20)}
 
 
+_SEG_PREFIX = {0x26: "ES", 0x2E: "CS", 0x36: "SS", 0x3E: "DS", 0x64: "FS", 0x65: "GS"}
+
+
+def _vendor_segments(enc: Encoding, ours: list, theirs: list, tally: Tally) -> list:
+    """Difference 9: iced's segment for a 64-bit memory operand replaced by the vendor rule's, where ours has it."""
+    segs = [p for p in enc.prefixes if p in _SEG_PREFIX]
+    if enc.vendor != "amd":
+        segs = [p for p in segs if p >= 0x64]  # Intel: ES/CS/SS/DS overrides are ignored (SDM Vol. 1 3.3.7)
+    stripped = bytes(p for p in enc.prefixes if p not in _SEG_PREFIX) + enc.code[len(enc.prefixes):]
+    plain = iced_decode(stripped, enc.bits, enc.vendor)  # the same operands with default segments
+    out = list(theirs)
+    for k, (o, t) in enumerate(zip(ours, theirs)):
+        if o[0] != "mem" or t[0] != "mem" or o == t or (*o[:1], *o[2:]) != (*t[:1], *t[2:]):
+            continue
+        default = iced_norm(plain, k)[1] if k < plain.op_count else None
+        if o[1] == (_SEG_PREFIX[segs[-1]] if segs else default):
+            tally.notes[f"64-bit segment prefixes ({enc.vendor} rule): iced's segment differs"] += 1
+            out[k] = o
+    return out
+
+
 def _reconcile(enc: Encoding, insn: Insn, ins: iced.Instruction, ours: list, theirs: list,
                tally: Tally) -> tuple[list, list] | None:
     """Apply the documented differences; None means: skip the operand comparison (counted)."""
     row = enc.row
     iced_mn = _MNEMONIC[ins.mnemonic]
+    if enc.bits == 64 and any(p in _SEG_PREFIX for p in enc.prefixes):  # difference 9
+        theirs = _vendor_segments(enc, ours, theirs, tally)
     if row.mnemonic == "XLAT":  # difference 1
         tally.notes["XLAT: iced lists the implicit [rBX+AL]"] += 1
         return ours, []

@@ -27,10 +27,16 @@ Vendor rules (``vendor="amd"``, the default, or ``"intel"``):
   stays and without one the default segment applies.  AMD (measured on an EPYC
   under KVM, corpus/regressions/amd-last-segment-prefix-wins.json): the last
   segment prefix decides, as in the other modes -- ``65 36`` is SS, and an
-  ES/CS/SS/DS prefix after FS/GS cancels it.  Such a segment's base is still
-  ignored (:meth:`spec.isa.context.Exec.linear`), but it decides the fault:
-  a non-canonical SS-relative access is #SS(0), any other #GP(0) (SDM Vol. 3A
-  6.15; APM Vol. 2 8.4).
+  ES/CS/SS/DS prefix after FS/GS takes over.  Such a segment's base is
+  ignored, but it decides the fault: a non-canonical SS-relative access is
+  #SS(0), any other #GP(0) (SDM Vol. 3A 6.15; APM Vol. 2 8.4).  Measured on
+  the same CPU, the earlier FS/GS override is not entirely cancelled: the
+  canonical check is on the effective address, and the FS/GS base is added
+  when the sum is canonical (otherwise the effective address alone is used).
+  The decode records that FS/GS as ``Insn.fsgs_base``; the semantics apply it
+  in :meth:`spec.isa.context.Exec.linear` to the overridden operand (not
+  modelled, i.e. no FS/GS base, when an ES override meets an ES:[rDI]
+  operand or an SS override an instruction with implicit stack accesses).
 
 Where the references disagree the choice is documented here and pinned in
 tests/test_decoder_crosscheck.py: ``F3 REX.B 90`` is ``XCHG r8, rAX`` (REX.B
@@ -56,6 +62,10 @@ LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x66, 0x67, *SEGMENT_PREFIXES})
 
 # 16-bit ModRM r/m encodings (SDM Vol. 2A Table 2-1): (base, index) register numbers.
 _RM16 = ((3, 6), (3, 7), (5, 6), (5, 7), (6, None), (7, None), (5, None), (3, None))
+
+# Instructions with implicit stack accesses (SS), which an SS override's FS/GS base quirk must not reach.
+_STACK_MNEMONICS = frozenset({"PUSH", "POP", "PUSHF", "POPF", "CALL", "CALLF", "RET", "RETF", "IRET", "ENTER",
+                              "LEAVE", "INT", "INT1", "INT3", "INTO"})
 
 # Control registers that exist (SDM Vol. 3A 2.5; MOV CRn: others are #UD).
 VALID_CRS = frozenset({0, 2, 3, 4, 8})
@@ -176,6 +186,7 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
     lock = False
     rep_byte: int | None = None  # the last F2/F3 (it is the one that selects a mandatory-prefix row)
     seg_override: int | None = None
+    last_fsgs: int | None = None  # the last FS/GS override (AMD 64-bit base quirk, module docstring)
     opsize_prefix = addrsize_prefix = False
     rex = 0
     while True:
@@ -194,6 +205,8 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
                 # The last segment override wins (SDM Vol. 2A 2.1.1); for the 64-bit vendor rule see the
                 # module docstring (Intel: ES/CS/SS/DS prefixes are ignored, SDM Vol. 1 3.3.7).
                 seg_override = SEGMENT_PREFIXES[b]
+                if b >= 0x64:
+                    last_fsgs = seg_override
             pos += 1
             continue
         if bits == 64 and 0x40 <= b <= 0x4F:
@@ -420,8 +433,17 @@ def decode(code: bytes, bits: int, more: Callable[[int], bytes] | None = None, *
             rep = "repe" if rep_byte == 0xF3 else "repne"
         elif "rep" in attrs:
             rep = "rep"
+    fsgs_base = None
+    if bits == 64 and last_fsgs is not None and seg_override is not None and seg_override < FS:
+        # AMD: ES/CS/SS/DS after FS/GS; that FS/GS base may still apply (module docstring).  Not where the
+        # instruction also makes an implicit ES:[rDI] or stack access in the overriding segment: linear()
+        # sees only the segment and could not tell the two apart (the implicit one has no FS/GS base).
+        if not ((seg_override == ES and any(spec[0] == "Y" for spec in row.operands))
+                or (seg_override == SS and row.mnemonic in _STACK_MNEMONICS)):
+            fsgs_base = last_fsgs
     return Insn(row=row, length=pos, opsize=opsize, addrsize=addrsize, operands=tuple(operands),
-                raw=bytes(buf[:pos]), lock=lock, rep=rep, seg_override=seg_override, rex=rex, modrm=modrm)
+                raw=bytes(buf[:pos]), lock=lock, rep=rep, seg_override=seg_override, rex=rex, modrm=modrm,
+                fsgs_base=fsgs_base)
 
 
 def _size(code: str, opsize: int) -> int:

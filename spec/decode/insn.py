@@ -117,6 +117,7 @@ class Insn:
     rex: int = 0
     modrm: int | None = None
     extra: dict[str, int] = field(default_factory=dict)
+    fsgs_base: int | None = None  # AMD, 64-bit: FS/GS overridden by a later ES/CS/SS/DS (decoder docstring)
 
     @property
     def mnemonic(self) -> str:

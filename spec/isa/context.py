@@ -38,6 +38,16 @@ _READ, _WRITE = AccessKind.READ, AccessKind.WRITE
 RMW_DEST = frozenset({"ADD", "OR", "ADC", "SBB", "AND", "SUB", "XOR", "INC", "DEC", "NEG", "NOT", "SHL", "SAL",
                       "SHR", "SAR", "ROL", "ROR", "RCL", "RCR", "SHLD", "SHRD", "XCHG", "XADD", "CMPXCHG"})
 _M32, _M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _canonical_symbolic(D: Any, lin: Any, n: int, cr4: int) -> Any:
+    """Whether the first and the last byte of an ``n``-byte access at 64-bit ``lin`` are canonical (a 1-bit value)."""
+    top = 56 if cr4 & CR4_LA57 else 47
+
+    def canonical(a: Any) -> Any:
+        return D.eq(64, D.sext(D.extract(a, top, 0), top + 1, 64), a)
+
+    return D.band(canonical(lin), canonical(D.add(64, lin, D.const(64, n - 1))))
 _HALF48, _HALF57 = canonical_half(0), canonical_half(CR4_LA57)  # lowest non-canonical address, 4/5-level
 
 
@@ -117,18 +127,29 @@ class Exec:
         s = self.s
         sg = s.seg[seg]
         if s.efer & EFER_LMA and s.seg[1].l:  # 64-bit mode
+            i = self.i
+            fsgs = i.fsgs_base if i is not None and seg < FS and seg == i.seg_override else None
             if type(offset) is int:
                 lin = (offset + sg.base) & _M64 if seg >= FS else offset
                 if n and s.seg_checks:
                     half = _HALF57 if s.cr4 & CR4_LA57 else _HALF48
                     if (lin + n > half) if lin < half else (lin <= _M64 - half):
                         raise Fault(LIMIT_VECTOR[seg], 0)  # SDM Vol. 1 3.3.7.1
+                if fsgs is not None:  # AMD: base of an FS/GS override a later prefix took over (decoder)
+                    half = _HALF57 if s.cr4 & CR4_LA57 else _HALF48
+                    total = (lin + s.seg[fsgs].base) & _M64
+                    if (total + max(n, 1) <= half) if total < half else (total > _M64 - half):
+                        lin = total  # used only when canonical; otherwise the effective address alone
                 return lin
             D = self.D
             off = D.zext(offset, w or self.i.addrsize, 64)  # type: ignore[union-attr]
             lin = D.add(64, off, D.const(64, sg.base)) if seg >= FS else off
             if n and s.seg_checks:
                 check_canonical_symbolic(D, D.decide, lin, n, s.cr4, seg)
+            if fsgs is not None:  # the AMD quirk above, decided on the symbolic address
+                total = D.add(64, lin, D.const(64, s.seg[fsgs].base))
+                if D.decide(_canonical_symbolic(D, total, max(n, 1), s.cr4)):
+                    lin = total
             return lin
         if type(offset) is int:
             if n and s.seg_checks:
