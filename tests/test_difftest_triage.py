@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from difftest import registry
 from difftest.backend import Outcome, Stop
 from difftest.case import Case
 from difftest.compare import compare, compare_all
@@ -433,7 +434,7 @@ def test_every_example_reproduces_its_signature(entry: KnownDivergence) -> None:
         assert match(crash.key, verdict=crash.verdict) == entry
         return
     by_name = {"spec": SPEC, "unicorn": UNICORN, "kvm": KVM}
-    backends = [by_name[b] for b in entry.backends]
+    backends = [by_name[b] if b in by_name else registry.create(b) for b in entry.backends]
     result = assess(case, backends)  # type: ignore[arg-type]
     if result.finding is not None:
         sig, verdict = result.finding.signature, result.finding.verdict.verdict
