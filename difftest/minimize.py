@@ -19,7 +19,7 @@ predicate accepts:
 Passes repeat while they change something (simpler values can make more instructions
 removable).  Everything is deterministic for a deterministic predicate; results of the
 predicate are memoized.  ``max_tests`` bounds the predicate calls (then the best case
-so far is returned).
+so far is returned, tagged ``minimization-budget-exhausted``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from spec.snapshot import GPR_NAMES, PageModel
 
 SIMPLE_FLAGS = (F.CF, F.PF, F.AF, F.ZF, F.SF, F.DF, F.OF)
 MIN_CHUNK = 8
+
+
+INCOMPLETE_TAG = "minimization-budget-exhausted"
 
 
 class _Budget(Exception):
@@ -202,6 +205,7 @@ class _Minimizer:
         return a or b
 
     def run(self) -> Case:
+        exhausted = False
         try:
             for _ in range(4):
                 changed = self.instructions()
@@ -212,8 +216,11 @@ class _Minimizer:
                 if not changed:
                     break
         except _Budget:
-            pass  # the best case so far (every accepted step kept the divergence)
-        return self.build(self.insns, self.regs, self.rflags, self.pages)
+            exhausted = True  # keep the best case so far: every accepted step kept the divergence
+        best = self.build(self.insns, self.regs, self.rflags, self.pages)
+        if exhausted:  # say so in the case file: a reader should not take it for a fixpoint
+            best.tags.append(INCOMPLETE_TAG)
+        return best
 
 
 def minimize(case: Case, still_diverges: Callable[[Case], bool], *, max_tests: int = 3000,

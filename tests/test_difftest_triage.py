@@ -19,7 +19,7 @@ from difftest.backend import Outcome, Stop
 from difftest.case import Case
 from difftest.compare import compare, compare_all
 from difftest.known import KNOWN_DIR, KnownDivergence, KnownError, is_known, json_schema, load_known, match
-from difftest.minimize import minimize, same_signature
+from difftest.minimize import INCOMPLETE_TAG, minimize, same_signature
 from difftest.report import instructions, run_backends
 from difftest.triage import (
     Signature,
@@ -111,8 +111,10 @@ def test_minimize_respects_the_test_budget() -> None:
 
     out = minimize(case, diverges, max_tests=5)
     assert len(calls) <= 6 and CHAIN[3] in out.instructions()  # 1 initial check + at most 5 tests
+    assert INCOMPLETE_TAG in out.tags  # a cut-short minimization says so in the case file
     full = minimize(case, diverges)
     assert full.instructions() == [CHAIN[3][:3] + b"\x00"]  # one instruction, its shift count simplified 3 -> 0
+    assert INCOMPLETE_TAG not in full.tags
 
 
 # -- the vote ------------------------------------------------------------------------------------------------------
