@@ -31,6 +31,7 @@ followed by a #PF on the second page) are not undone, as on hardware.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -99,32 +100,9 @@ def guest_view(vm: VM) -> MachineState:
 def write_back(vm: VM, st: MachineState, before: GuestControlRegs) -> None:
     """Copy the view's registers back into the VM (module docstring, step 3); RIP goes to nRIP."""
     vmcb = vm.vmcb
-    D = st.D
-    gpr = [D.concrete(v) for v in st.gpr]
-    vm.gprs[:] = gpr
-    vmcb.rax = gpr[RAX]
-    vmcb.rsp = gpr[RSP]
+    vm.store_registers(st)
     vmcb.nrip = st.rip
-    vmcb.rflags = D.concrete(st.read_rflags())
-    for name, seg in zip(SEG_ORDER, st.seg):
-        vmcb.store_segment(name, seg)
-    vmcb.store_segment("ldtr", st.ldtr)
-    vmcb.store_segment("tr", st.tr)
-    vmcb.store_table("gdtr", st.gdtr)
-    vmcb.store_table("idtr", st.idtr)
-    vmcb.cpl = st.cpl
-    vmcb.dr6 = st.dr[6]
-    vmcb.dr7 = st.dr[7]
-    vm.processor.dr[:6] = st.dr[:6]
     vm.pending_shadow = st.interrupt_shadow  # applied by VM.advance_rip with the new RIP
-    for index, value in st.msrs.items():
-        name = VMCB_MSRS.get(index)
-        if name is not None:
-            setattr(vmcb, name, value)
-            vm.vmcb_msrs_written.add(index)
-        else:
-            vm.msr_file[index] = value
-    vm.guest_tsc_offset = st.tsc_offset
     after = GuestControlRegs(cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, efer=st.efer)
     if after != before:
         if replace(after, cr2=before.cr2) == before:
@@ -133,30 +111,47 @@ def write_back(vm: VM, st: MachineState, before: GuestControlRegs) -> None:
             vm.paging.set_guest_control(vm, after)
 
 
-def emulate_instruction(vm: VM) -> Action:
-    """Execute the guest instruction at RIP on the spec over the guest's view; the action to take."""
+def emulate_instruction(vm: VM, *, prepare: Callable[[MachineState], None] | None = None,
+                        absorb: Callable[[MachineState], None] | None = None) -> Action:
+    """Execute the guest instruction at RIP on the spec over the guest's view; the action to take.
+
+    A paging strategy that owns translations (shadow paging) passes ``prepare`` (adjust the view
+    before the step) and ``absorb`` (take a completed instruction's paging effects -- control
+    registers, TLB events -- before the registers are written back); without ``absorb`` any TLB
+    event flushes the guest's ASID on the next VMRUN.
+    """
     st = guest_view(vm)
+    if prepare is not None:
+        prepare(st)
     before = GuestControlRegs(cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, efer=st.efer)
     rip = st.rip
     tf = bool(st.rflags_sys >> F.TF & 1)
     st.tlb_events = []
     ev = SpecCPU(st, deliver_exceptions=False).step()
-    if st.tlb_events:
+    if st.tlb_events and absorb is None:
         # The instruction changed what translations mean (spec.isa.system "TLB events": a WRMSR to EFER,
         # an emulated MOV to CR0/CR3/CR4, INVLPG) behind the hardware's back: flush the guest's ASID on the
         # next VMRUN (APM 15.16.1).  Flushing more than the architecture requires is always correct.
         vm.vmcb.tlb_control = TLB_CONTROL_ASID
+
+    def complete() -> None:
+        if absorb is None:
+            write_back(vm, st, before)
+        else:
+            absorb(st)
+            write_back(vm, st, vm.paging.guest_control(vm))
+
     if ev is None:
-        write_back(vm, st, before)
+        complete()
         return Resume(advance=True)
     if ev.kind == "fault":
         if ev.vector == Vector.DB and tf and ev.detail == "single-step trap":
             # The instruction completed and single-stepped (spec.cpu: TF trap after it): report #DB as a trap.
-            write_back(vm, st, before)
+            complete()
             return Inject(Vector.DB, advance=True)
         return Inject.exception(ev.vector if ev.vector is not None else Vector.GP, ev.error_code, cr2=ev.cr2)
     if ev.kind == "halted":
-        write_back(vm, st, before)
+        complete()
         return Stop("halted", f"HLT at rip={rip:#x}", advance=True)
     return Stop("error", f"emulating the instruction at rip={rip:#x}: {ev.describe()}")
 

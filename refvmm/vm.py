@@ -290,11 +290,26 @@ class VM:
     def _load_entry_registers(self, st: MachineState) -> None:
         """The entry state into the VMCB state-save area and the GPR array (APM Table B-2)."""
         v = self.vmcb
+        self.store_registers(st)
+        v.rip = st.rip
+        v.cr2 = st.cr2
+        v.interrupt_shadow = int(st.interrupt_shadow)
+        v.g_pat = self.host_model.msr_reset.get(0x277, 0x0007_0406_0007_0406)
+        self.entry_control = GuestControlRegs(cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4,
+                                              efer=st.efer & ~EFER_SVME)
+        self.entry_icount = st.icount
+        self.halted = st.halted
+
+    def store_registers(self, st: MachineState) -> None:
+        """A guest-view machine state's registers into the VM: GPRs (RAX/RSP in the VMCB), RFLAGS,
+        segments and descriptor tables, CPL, debug registers, MSRs (VMCB-switched or the VMM's
+        file) and the TSC offset.  RIP, CR2, the interrupt shadow and the control registers are
+        the caller's: entry and emulation treat them differently."""
+        v = self.vmcb
         D = st.D
         gpr = [D.concrete(x) for x in st.gpr]
         self.gprs[:] = gpr
         v.rax, v.rsp = gpr[RAX], gpr[RSP]
-        v.rip = st.rip
         v.rflags = D.concrete(st.read_rflags())
         for name, seg in zip(SEG_ORDER, st.seg):
             v.store_segment(name, seg)
@@ -305,8 +320,6 @@ class VM:
         v.cpl = st.cpl
         v.dr6, v.dr7 = st.dr[6], st.dr[7]
         self.processor.dr[:6] = st.dr[:6]  # DR0-DR5 are not switched by VMRUN: they stay in the processor
-        v.cr2 = st.cr2
-        v.interrupt_shadow = int(st.interrupt_shadow)
         for index, value in st.msrs.items():
             name = VMCB_MSRS.get(index)
             if name is not None:
@@ -314,12 +327,7 @@ class VM:
                 self.vmcb_msrs_written.add(index)
             else:
                 self.msr_file[index] = value
-        v.g_pat = self.host_model.msr_reset.get(0x277, 0x0007_0406_0007_0406)
         self.guest_tsc_offset = st.tsc_offset
-        self.entry_control = GuestControlRegs(cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4,
-                                              efer=st.efer & ~EFER_SVME)
-        self.entry_icount = st.icount
-        self.halted = st.halted
 
     def _program_intercepts(self) -> None:
         """The VM's intercepts, IOPM (all ports) and MSRPM (derived from the hooks), ASID, TSC_OFFSET."""

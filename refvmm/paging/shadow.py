@@ -657,26 +657,11 @@ class ShadowPaging:
         """Execute the guest instruction at RIP on the spec over the guest's view (:mod:`refvmm.mmio`), then
         apply what it did to translations: TLB events (SDM 4.10.4.1) become shadow flushes/invalidations."""
         from refvmm import mmio
-        from refvmm.actions import Inject, Resume, Stop
 
-        st = mmio.guest_view(vm)
-        st.pdptes = list(self.guest.pdptes)  # the guest's PDPTE registers, not memory (SDM 4.4.1)
-        st.tlb_events = []
-        rip, tf = st.rip, bool(st.rflags_sys >> 8 & 1)
-        ev = SpecCPU(st, deliver_exceptions=False).step()
-        trap = ev is not None and ev.kind == "fault" and ev.vector == Vector.DB and tf and \
-            ev.detail == "single-step trap"
-        if ev is None or trap:
-            self._absorb(vm, st)
-            mmio.write_back(vm, st, self.guest_control(vm))
-            return Inject(Vector.DB, advance=True) if trap else Resume(advance=True)
-        if ev.kind == "fault":
-            return Inject.exception(ev.vector if ev.vector is not None else Vector.GP, ev.error_code, cr2=ev.cr2)
-        if ev.kind == "halted":
-            self._absorb(vm, st)
-            mmio.write_back(vm, st, self.guest_control(vm))
-            return Stop("halted", f"HLT at rip={rip:#x}", advance=True)
-        return Stop("error", f"emulating the instruction at rip={rip:#x}: {ev.describe()}")
+        def prepare(st: MachineState) -> None:
+            st.pdptes = list(self.guest.pdptes)  # the guest's PDPTE registers, not memory (SDM 4.4.1)
+
+        return mmio.emulate_instruction(vm, prepare=prepare, absorb=lambda st: self._absorb(vm, st))
 
     def _absorb(self, vm: VM, st: MachineState) -> None:
         """Take an emulated instruction's paging effects: new guest registers and PDPTEs, its TLB events."""
