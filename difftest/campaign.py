@@ -93,8 +93,9 @@ class CampaignConfig(BaseModel):
         return f"seed{self.seed}-{digest}"
 
     def environments(self) -> list[Environment]:
-        by_label = {e.label(): e for e in _all_environments()}
-        return [by_label[label] for label in self.envs]
+        from difftest.layout import environment
+
+        return [environment(label) for label in self.envs]
 
     def modes(self) -> list[str]:
         out: list[str] = []

@@ -90,6 +90,16 @@ def _environments() -> list[Environment]:
 ENVIRONMENTS: list[Environment] = _environments()
 """Every environment :func:`difftest.builders.build` supports (with ``idt=True``; ``idt=False`` works too)."""
 
+_BY_LABEL = {e.label(): e for e in ENVIRONMENTS}
+
+
+def environment(label: str) -> Environment:
+    """The environment whose :meth:`Environment.label` is ``label`` (``ValueError`` naming the valid ones)."""
+    env = _BY_LABEL.get(label)
+    if env is None:
+        raise ValueError(f"unknown environment {label!r} (environments: {', '.join(_BY_LABEL)})")
+    return env
+
 _SUPPORTED = {_env_key(e)[:4] for e in ENVIRONMENTS}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -36,9 +35,11 @@ from difftest.campaign import (
 from difftest.case import Case, Environment, Provenance
 from difftest.corpus import replay
 from difftest.known import KNOWN_DIR, load_known
+from difftest.layout import environment
 from difftest.store import Store
-from spec.decode.decoder import decode
 from spec.snapshot import Snapshot
+from tests.test_cli_campaign import done_count
+from tests.test_difftest_campaign import stream_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = "long64/4-level/4K/cpl0"
@@ -46,12 +47,6 @@ ALU = [bytes.fromhex(h) for h in ("4801d8", "4829c8", "4821c8", "4809d8", "4831d
 NEG_RAX = bytes.fromhex("48f7d8")  # what kills the crashing backend
 NEG_FORM = "F7 /3 NEG Ev os64"
 IDIV_CASE = {"insns": [bytes.fromhex("f7f9")], "regs": {"rax": 0, "rdx": 0x80000000, "rcx": 0xFFFFFFFF}}
-
-
-def env_of(label: str) -> Environment:
-    from difftest.layout import ENVIRONMENTS
-
-    return next(e for e in ENVIRONMENTS if e.label() == label)
 
 
 def stream_case(seed: int, index: int, *, envs: list[Environment], length: int, campaign: str | None) -> Case:
@@ -62,14 +57,10 @@ def stream_case(seed: int, index: int, *, envs: list[Environment], length: int, 
                  provenance=Provenance(generator="crash-stream", seed=seed, campaign=campaign, index=index))
 
 
-def stream_rows(case: Case) -> set[tuple[str, str]]:
-    return {(decode(raw, case.env.bits).row.key, case.env.mode) for raw in case.instructions()}
-
-
 def idiv_stream(seed: int, index: int, *, envs: list[Environment], length: int, campaign: str | None) -> Case:
     """Harmless cases, except case 5: the 32-bit IDIV that kills Unicorn 2.1.4 with SIGFPE."""
     if index == 5:
-        return build(env_of(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]), name="idiv")
+        return build(environment(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]), name="idiv")
     return stream_case(seed, index, envs=envs, length=length, campaign=campaign)
 
 
@@ -120,7 +111,7 @@ def digest(store: Store) -> tuple:
 
 
 def crashing_indices(cases: int) -> list[int]:
-    envs = [env_of(ENV)]
+    envs = [environment(ENV)]
     return [i for i in range(cases) if NEG_RAX in stream_case(1, i, envs=envs, length=6, campaign=None).instructions()]
 
 
@@ -149,7 +140,7 @@ def test_crashing_cases_become_findings_and_the_campaign_goes_on(tmp_path: Path,
     assert store.counters()["crash/crashneg/native crash (killed by SIGFPE)"] == len(crashing)
     # the finding file is the case cut after the crashing instruction
     small = Case.load(Path(f.file or ""))
-    first = stream_case(1, crashing[0], envs=[env_of(ENV)], length=6, campaign=None).instructions()
+    first = stream_case(1, crashing[0], envs=[environment(ENV)], length=6, campaign=None).instructions()
     assert small.instructions() == first[:first.index(NEG_RAX) + 1] and "crash" in small.tags
     assert f.insn_index == first.index(NEG_RAX)
     # every other case ran normally: spec and crashneg agree on them
@@ -187,19 +178,6 @@ KILLED = textwrap.dedent("""
 """)
 
 
-def _done(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(conn.execute("SELECT COALESCE(SUM(end - start), 0) FROM done").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_sigkill_during_a_crashing_campaign_loses_and_repeats_nothing(tmp_path: Path, crashneg: str) -> None:
     total = 36
     script = KILLED.format(tests=str(ROOT / "tests"))
@@ -207,12 +185,12 @@ def test_sigkill_during_a_crashing_campaign_loses_and_repeats_nothing(tmp_path: 
     p = subprocess.Popen([sys.executable, "-c", script, str(db), str(total)], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while _done(db) < 4 and p.poll() is None and time.monotonic() < deadline:
+    while done_count(db) < 4 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert p.poll() is None, p.communicate()
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert 0 < _done(db) < total
+    assert 0 < done_count(db) < total
     r = subprocess.run([sys.executable, "-c", script, str(db), str(total)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr
@@ -227,7 +205,7 @@ def test_sigkill_during_a_crashing_campaign_loses_and_repeats_nothing(tmp_path: 
 def _unicorn_dies() -> bool:
     if not registry.availability("unicorn")[0]:
         return False
-    case = build(env_of(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]))
+    case = build(environment(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]))
     return run_in_child(lambda: registry.create("unicorn").run(case.snapshot, case.budget)).status == "died"
 
 
@@ -237,7 +215,7 @@ needs_crash = pytest.mark.skipif(not UNICORN_DIES, reason="this Unicorn survives
 
 @needs_crash
 def test_real_unicorn_idiv_crash_is_diagnosed_and_known(tmp_path: Path) -> None:
-    case = build(env_of(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]))
+    case = build(environment(ENV), list(IDIV_CASE["insns"]), regs=dict(IDIV_CASE["regs"]))
     crash = diagnose_crash(case, ["spec", "unicorn"])
     assert crash.key == f"crash|unicorn|F7 /7 IDIV Ev os32|{ENV}" and crash.verdict == "unicorn-bug"
     assert crash.why == "killed by SIGFPE" and crash.insn_index == 0

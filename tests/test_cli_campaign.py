@@ -81,12 +81,14 @@ def test_unreadable_database_path(tmp_path: Path) -> None:
 
 def make_corpus(tmp_path: Path) -> Path:
     sys.path.insert(0, str(TESTS))
-    from test_difftest_campaign import ALU, ENV, NEG_RAX, env_of, stream_case
+    from test_difftest_campaign import ALU, ENV, NEG_RAX, stream_case
+
+    from difftest.layout import environment
 
     corpus = tmp_path / "corpus"
     (corpus / "findings").mkdir(parents=True)
     (corpus / "known").mkdir()
-    base = stream_case(1, 0, envs=[env_of(ENV)], length=2, campaign=None)
+    base = stream_case(1, 0, envs=[environment(ENV)], length=2, campaign=None)
     base.with_instructions([ALU[0], ALU[3]], name="agree").save(corpus / "findings" / "agree.json")
     base.with_instructions([NEG_RAX], name="neg").save(corpus / "neg.json")
     return corpus

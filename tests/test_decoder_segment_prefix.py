@@ -27,7 +27,7 @@ import pytest
 from difftest.backend import SpecBackend
 from difftest.builders import build
 from difftest.case import Case
-from difftest.layout import ENVIRONMENTS, layout
+from difftest.layout import environment, layout
 from spec.decode.decoder import decode
 from spec.decode.insn import CS, DS, ES, FS, GS, MEM, SS
 from spec.domain.symbolic import SymbolicDomain, explore
@@ -38,7 +38,7 @@ from spec.machine import CODE
 from spec.symexec import symbolic_state
 
 REGRESSION = Path(__file__).parent.parent / "corpus" / "regressions" / "amd-last-segment-prefix-wins.json"
-ENV = next(e for e in ENVIRONMENTS if e.label() == "long64/4-level/2M/cpl3")
+ENV = environment("long64/4-level/2M/cpl3")
 NON_CANONICAL = 0x8000_0000_0000_0000
 PREFIX_SEGMENT = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 SEQUENCES = [seq for n in range(4) for seq in itertools.product(PREFIX_SEGMENT, repeat=n)]

@@ -39,6 +39,7 @@ from difftest.campaign import (
 )
 from difftest.case import Case, Environment, Provenance
 from difftest.corpus import case_files, load_cases, replay
+from difftest.layout import environment
 from difftest.store import Store, StoreError
 from spec.decode.decoder import decode
 from spec.snapshot import PageModel, Snapshot
@@ -48,12 +49,6 @@ ENV = "long64/4-level/4K/cpl0"
 # Register-only 64-bit ALU instructions with defined flags only (no HLT byte inside any of them).
 ALU = [bytes.fromhex(h) for h in ("4801d8", "4829c8", "4821c8", "4809d8", "4831d8", "48ffc0", "48ffcb", "4801c9")]
 NEG_RAX = bytes.fromhex("48f7d8")  # what the fake backend gets wrong
-
-
-def env_of(label: str) -> Environment:
-    from difftest.layout import ENVIRONMENTS
-
-    return next(e for e in ENVIRONMENTS if e.label() == label)
 
 
 def stream_case(seed: int, index: int, *, envs: list[Environment], length: int, campaign: str | None) -> Case:
@@ -123,7 +118,7 @@ def digest(store: Store) -> tuple:
 def test_fake_divergence_is_found_deduped_minimized_and_written_once(tmp_path: Path, negbug: str) -> None:
     out = tmp_path / "findings"
     store = run(tmp_path / "c.db", findings=out)
-    cases = [stream_case(3, i, envs=[env_of(ENV)], length=8, campaign=None) for i in range(60)]
+    cases = [stream_case(3, i, envs=[environment(ENV)], length=8, campaign=None) for i in range(60)]
     expected = [i for i, c in enumerate(cases) if NEG_RAX in c.instructions()]
     assert expected, "the stream must contain NEG RAX"
     found = store.findings()
@@ -153,7 +148,8 @@ def test_agreeing_backends_find_nothing(tmp_path: Path) -> None:
     s = summarize(store, make_config(seed=3, backends="spec,unicorn", envs=[ENV], length=8))
     assert s.stops["unicorn"] == {"halted": 30} and s.findings == []
     adds = sum(1 for i in range(30)  # coverage counts cases (rows_covered is a set per case)
-               if {ALU[0], ALU[7]} & set(stream_case(3, i, envs=[env_of(ENV)], length=8, campaign=None).instructions()))
+               if {ALU[0], ALU[7]} & set(stream_case(3, i, envs=[environment(ENV)], length=8,
+                                                     campaign=None).instructions()))
     assert ("long64", "01 ADD Ev,Gv", adds) in s.exercised
     assert ("long64", "F4 HLT") in s.not_exercised
     assert {c.mode for c in s.coverage} == {"long64"}
@@ -163,7 +159,8 @@ def test_agreeing_backends_find_nothing(tmp_path: Path) -> None:
 def test_known_signature_is_counted_but_not_minimized(tmp_path: Path, negbug: str) -> None:
     known = tmp_path / "known"
     (known / "cases").mkdir(parents=True)
-    example = stream_case(3, 0, envs=[env_of(ENV)], length=1, campaign=None).with_instructions([NEG_RAX], name="neg")
+    first = stream_case(3, 0, envs=[environment(ENV)], length=1, campaign=None)
+    example = first.with_instructions([NEG_RAX], name="neg")
     example.save(known / "cases" / "neg.json")
     (known / "negbug.json").write_text(json.dumps({
         "name": "negbug", "key_pattern": r"F7 /3 NEG Ev os64\|.*", "verdict": "unknown",
@@ -327,7 +324,7 @@ def test_corpus_replay_classifies_pass_known_new_and_rejects_malformed(tmp_path:
     (corpus / "findings").mkdir(parents=True)
     (corpus / "schema").mkdir()
     (corpus / "schema" / "case.schema.json").write_text("{}")  # not a case: ignored
-    base = stream_case(1, 0, envs=[env_of(ENV)], length=2, campaign=None)
+    base = stream_case(1, 0, envs=[environment(ENV)], length=2, campaign=None)
     base.with_instructions([ALU[0], ALU[1]], name="agree").save(corpus / "findings" / "agree.json")
     base.with_instructions([ALU[0], NEG_RAX], name="neg").save(corpus / "neg.json")
     assert [p.name for p in case_files(corpus)] == ["agree.json", "neg.json"]
@@ -357,7 +354,7 @@ def test_corpus_replay_classifies_pass_known_new_and_rejects_malformed(tmp_path:
 @given(st.integers(0, 2**32), st.integers(1, 12))
 def test_backend_fast_paths_equal_validated_models(seed: int, length: int) -> None:
     """Outcomes built without re-validation equal what validation builds from their own JSON."""
-    case = stream_case(seed, 0, envs=[env_of(ENV)], length=length, campaign=None)
+    case = stream_case(seed, 0, envs=[environment(ENV)], length=length, campaign=None)
     for backend in (SpecBackend(), registry.create("unicorn")):
         out = backend.run(case.snapshot, case.budget)
         assert out.final is not None
@@ -380,7 +377,7 @@ def test_page_cache_follows_reassigned_data() -> None:
 def test_snapshot_deep_copy_is_equal_and_independent(seed: int) -> None:
     import copy
 
-    snap = stream_case(seed, 1, envs=[env_of(ENV)], length=3, campaign=None).snapshot
+    snap = stream_case(seed, 1, envs=[environment(ENV)], length=3, campaign=None).snapshot
     for d in (snap.model_copy(deep=True), copy.deepcopy(snap)):
         assert d == snap and d.model_dump_json() == snap.model_dump_json()
         assert d.model_fields_set == snap.model_fields_set

@@ -278,9 +278,9 @@ def test_stub_decoding_walks_every_paging_mode(label: str) -> None:
     paging decoded as a plain HLT and every such case looked like a divergence.
     """
     from difftest.builders import build
-    from difftest.layout import ENVIRONMENTS, layout
+    from difftest.layout import environment, layout
 
-    env = next(e for e in ENVIRONMENTS if e.label() == label)
+    env = environment(label)
     lay = layout(env)
     mov = {32: "8b 03", 64: "48 8b 03"}[env.bits]  # mov (e/r)ax, [(e/r)bx]
     case = build(env, [bytes.fromhex(mov)], regs={"rbx": lay.unmapped + 8})
