@@ -373,7 +373,7 @@ class SpecCPU:
         for #PF, ``cr2``; the double-fault rules apply to faults during delivery.
         """
         rf = kind == EventKind.EXCEPTION and vector not in (Vector.DB, Vector.BP, Vector.OF, Vector.DF, Vector.MC)
-        return self._deliver_now(Event(vector, kind, error_code, rf, cr2))
+        return self.deliver(Event(vector, kind, error_code, rf, cr2))
 
     def _update_attention(self) -> None:
         self._attention = bool(self._intr or self._nmi or self.interrupt_source is not None
@@ -397,7 +397,7 @@ class SpecCPU:
             if self._nmi and not s.nmi_blocked:
                 self._nmi = False
                 self._update_attention()
-                return self._deliver_now(self._boundary_event(Vector.NMI, EventKind.NMI)), False
+                return self.deliver(self._boundary_event(Vector.NMI, EventKind.NMI)), False
             if s.rflags_sys & _IF:
                 vector = None
                 if self._intr:
@@ -406,7 +406,7 @@ class SpecCPU:
                 elif self.interrupt_source is not None and self.interrupt_source.pending():
                     vector = self.interrupt_source.acknowledge() & 0xFF
                 if vector is not None:
-                    return self._deliver_now(self._boundary_event(vector, EventKind.EXTERNAL)), False
+                    return self.deliver(self._boundary_event(vector, EventKind.EXTERNAL)), False
         if s.halted:
             return StopEvent(kind="halted", rip=s.rip), False
         return None, True
@@ -416,10 +416,6 @@ class SpecCPU:
         x = self.x
         mid_rep = x.i is not None and x.i.rep is not None and x.next_rip == self.state.rip
         return Event(vector, kind, None, mid_rep)
-
-    def _deliver_now(self, ev: Event) -> StopEvent | None:
-        """Deliver ``ev`` at the current boundary (return address = RIP)."""
-        return self.deliver(ev)
 
     def deliver(self, ev: Event, return_rip: int | None = None, *, intercept: bool = True) -> StopEvent | None:
         """Deliver ``ev`` now, at the current boundary, with return address ``return_rip`` (default: RIP).
@@ -461,7 +457,7 @@ class SpecCPU:
         if not self.deliver_exceptions:
             return StopEvent(kind="fault", rip=s.rip, vector=Vector.DB, detail="single-step trap")
         mid_rep = insn.rep is not None and s.rip == rip0
-        return self._deliver_now(Event(Vector.DB, EventKind.EXCEPTION, None, mid_rep))
+        return self.deliver(Event(Vector.DB, EventKind.EXCEPTION, None, mid_rep))
 
     def _rollback(self, saved: tuple) -> None:
         s = self.state
