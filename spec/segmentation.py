@@ -195,16 +195,21 @@ def check_canonical(lin: int, n: int, cr4: int, sreg: int) -> None:
         raise Fault(LIMIT_VECTOR[sreg], 0)
 
 
-def check_canonical_symbolic(D: Domain, decide: Callable[[Any], bool], lin: Any, n: int, cr4: int,
-                             sreg: int) -> None:
-    """:func:`check_canonical` for a symbolic 64-bit linear address: the first and the last byte canonical."""
+def canonical_symbolic(D: Domain, lin: Any, n: int, cr4: int) -> Any:
+    """Whether the first and the last byte of an ``n``-byte access at symbolic 64-bit ``lin`` are canonical
+    (a 1-bit domain value; SDM Vol. 1 3.3.7.1)."""
     top = 56 if cr4 & CR4_LA57 else 47
 
     def canonical(a: Any) -> Any:
         return D.eq(64, D.sext(D.extract(a, top, 0), top + 1, 64), a)
 
-    last = D.add(64, lin, D.const(64, n - 1))
-    if decide(D.bnot(D.band(canonical(lin), canonical(last)))):
+    return D.band(canonical(lin), canonical(D.add(64, lin, D.const(64, n - 1))))
+
+
+def check_canonical_symbolic(D: Domain, decide: Callable[[Any], bool], lin: Any, n: int, cr4: int,
+                             sreg: int) -> None:
+    """:func:`check_canonical` for a symbolic 64-bit linear address: the first and the last byte canonical."""
+    if decide(D.bnot(canonical_symbolic(D, lin, n, cr4))):
         raise Fault(LIMIT_VECTOR[sreg], 0)
 
 

@@ -23,6 +23,7 @@ from spec.segmentation import (
     CR4_LA57,
     LIMIT_VECTOR,
     canonical_half,
+    canonical_symbolic,
     check_canonical_symbolic,
     check_legacy,
     check_legacy_symbolic,
@@ -38,16 +39,6 @@ _READ, _WRITE = AccessKind.READ, AccessKind.WRITE
 RMW_DEST = frozenset({"ADD", "OR", "ADC", "SBB", "AND", "SUB", "XOR", "INC", "DEC", "NEG", "NOT", "SHL", "SAL",
                       "SHR", "SAR", "ROL", "ROR", "RCL", "RCR", "SHLD", "SHRD", "XCHG", "XADD", "CMPXCHG"})
 _M32, _M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
-
-
-def _canonical_symbolic(D: Any, lin: Any, n: int, cr4: int) -> Any:
-    """Whether the first and the last byte of an ``n``-byte access at 64-bit ``lin`` are canonical (a 1-bit value)."""
-    top = 56 if cr4 & CR4_LA57 else 47
-
-    def canonical(a: Any) -> Any:
-        return D.eq(64, D.sext(D.extract(a, top, 0), top + 1, 64), a)
-
-    return D.band(canonical(lin), canonical(D.add(64, lin, D.const(64, n - 1))))
 _HALF48, _HALF57 = canonical_half(0), canonical_half(CR4_LA57)  # lowest non-canonical address, 4/5-level
 
 
@@ -148,7 +139,7 @@ class Exec:
                 check_canonical_symbolic(D, D.decide, lin, n, s.cr4, seg)
             if fsgs is not None:  # the AMD quirk above, decided on the symbolic address
                 total = D.add(64, lin, D.const(64, s.seg[fsgs].base))
-                if D.decide(_canonical_symbolic(D, total, max(n, 1), s.cr4)):
+                if D.decide(canonical_symbolic(D, total, max(n, 1), s.cr4)):
                     lin = total
             return lin
         if type(offset) is int:
