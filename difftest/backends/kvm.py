@@ -69,9 +69,11 @@ import threading
 from typing import Any
 
 from difftest.backend import Capabilities, Outcome, Stop, describe
+from spec.domain.concrete import CONCRETE
 from spec.faults import HAS_ERROR_CODE
 from spec.machine import HANDLER_STRIDE, HANDLERS
-from spec.memory import PAGE
+from spec.memory import PAGE, AccessKind
+from spec.paging import CR4_PKE, CR4_SMAP, CR4_SMEP, Access, PagingControl, paging_mode, walk
 from spec.snapshot import GPR_NAMES, PageModel, Registers, SegmentModel, Snapshot, TableRegisterModel, trusted
 
 # -- ioctl numbers (<asm-generic/ioctl.h>, <linux/kvm.h>) ---------------------------------------------
@@ -182,7 +184,7 @@ def _runs(addresses: list[int]) -> list[tuple[int, int]]:
 # -- decoding an exception delivered to install_idt's HLT stubs ------------------------------------------
 
 class _PageReader:
-    """Reads linear memory of a snapshot through its paging structures (any paging mode but 5-level)."""
+    """Reads linear memory of a snapshot through its paging structures (without changing it)."""
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
@@ -205,38 +207,28 @@ class _PageReader:
             addr, n = addr + k, n - k
         return int.from_bytes(out, "little")
 
+    def read(self, addr: int, n: int) -> int:
+        """Physical reads for the walker (a missing page reads as zeros: a not-present entry)."""
+        v = self.phys(addr, n)
+        return 0 if v is None else v
+
+    def write(self, addr: int, n: int, value: int) -> None:
+        """The walker's accessed/dirty updates are dropped: reading a frame must not change the snapshot."""
+
     def translate(self, linear: int) -> int | None:
-        """Linear -> physical by reading the paging structures (no A/D updates; SDM Vol. 3A 4.3-4.5)."""
+        """Linear -> physical with the spec's walker (any paging mode), for a supervisor read; only a
+        not-present or reserved-bit entry stops it (SMEP, SMAP and protection keys are switched off)."""
         s = self.snap
-        if not s.control.cr0 & (1 << 31):
-            return linear & 0xFFFF_FFFF
-        addr_mask = 0x000F_FFFF_FFFF_F000
-        if not s.control.cr4 & (1 << 5):  # 32-bit paging (4.3): PDE, then PTE or a 4-MiB page with PSE
+        ctl = PagingControl(cr0=s.control.cr0, cr3=s.control.cr3,
+                            cr4=s.control.cr4 & ~(CR4_SMEP | CR4_SMAP | CR4_PKE), efer=s.efer,
+                            pdptes=tuple(s.pdptes))
+        mode = paging_mode(ctl.cr0, ctl.cr4, ctl.efer)
+        if mode is None or not s.efer & (1 << 10):  # legacy modes: 32-bit linear addresses
             linear &= 0xFFFF_FFFF
-            pde = self.phys((s.control.cr3 & 0xFFFF_F000) + 4 * (linear >> 22), 4)
-            if pde is None or not pde & 1:
-                return None
-            if pde & 0x80 and s.control.cr4 & (1 << 4):
-                return (pde & 0xFFC0_0000 | ((pde >> 13) & 0xFF) << 32) | (linear & 0x3F_FFFF)
-            pte = self.phys((pde & 0xFFFF_F000) + 4 * ((linear >> 12) & 0x3FF), 4)
-            return None if pte is None or not pte & 1 else (pte & 0xFFFF_F000) | (linear & 0xFFF)
-        if not s.efer & (1 << 10):  # PAE paging (4.4): the PDPTE registers, then PD and PT
-            linear &= 0xFFFF_FFFF
-            pdpte = s.pdptes[linear >> 30]
-            if not pdpte & 1:
-                return None
-            table, shifts = pdpte & addr_mask, (21, 12)
-        else:  # 4-level paging (4.5)
-            table, shifts = s.control.cr3 & addr_mask, (39, 30, 21, 12)
-        for shift in shifts:
-            e = self.phys(table + 8 * ((linear >> shift) & 0x1FF), 8)
-            if e is None or not e & 1:
-                return None
-            if shift in (30, 21) and e & 0x80:  # 1-GiB or 2-MiB page
-                size = 1 << shift
-                return (e & addr_mask & ~(size - 1)) | (linear & (size - 1))
-            table = e & addr_mask
-        return table | (linear & 0xFFF)
+        if mode is None:
+            return linear
+        w = walk(CONCRETE, self, mode, ctl, linear, Access(AccessKind.READ, 0))
+        return None if w.fault is not None else w.phys
 
     def linear(self, addr: int, n: int) -> int | None:
         pa = self.translate(addr)
